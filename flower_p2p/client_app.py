@@ -1,0 +1,87 @@
+"""ClientApp: one gossip node. All combining of models happens here, never at the ServerApp."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.node import RoundResult, algorithm_for, node_runtime, run_round
+from flower_p2p.topology import topology_for
+from flower_p2p.wire import from_record, payload_bytes, to_record, unpack_inbox
+
+app = ClientApp()
+
+# Keys of what a node keeps between rounds in its Context.state (never sent anywhere).
+STATE_PARAMS, STATE_ALGO, STATE_OPTIM = "node.params", "node.algo", "node.optim"
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the relay which partition (graph node) this SuperNode is."""
+    info = ConfigRecord(
+        {
+            "partition-id": _partition_id(context),
+            "num-partitions": int(context.node_config["num-partitions"]),
+        }
+    )
+    return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+def _step(msg: Message, context: Context, train: bool) -> Message:
+    cfg = ExperimentConfig.from_run_config(dict(context.run_config))
+    node = _partition_id(context)
+    rt = node_runtime(cfg, node)
+    weights = {node: 1.0} if cfg.strategy == "centralized" else topology_for(cfg).row(node)
+    state = context.state
+    params = from_record(state.array_records[STATE_PARAMS]) if STATE_PARAMS in state else None
+    algo_state = from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state else None
+    blob = state.config_records[STATE_OPTIM]["blob"] if STATE_OPTIM in state else None
+    config = msg.content.config_records["config"]
+    result = run_round(
+        rt,
+        algorithm_for(cfg),
+        params,
+        algo_state,
+        blob,
+        unpack_inbox(msg.content),
+        weights,
+        rnd=int(config["round"]),
+        do_eval=bool(config["evaluate"]),
+        train=train,
+    )
+    state[STATE_PARAMS] = to_record(result.params)
+    state[STATE_ALGO] = to_record(result.state)
+    state[STATE_OPTIM] = ConfigRecord({"blob": result.optimizer})
+    out = to_record(result.message)
+    return Message(
+        RecordDict({"out": out, "metrics": _metrics(result, payload_bytes(out) if out else 0)}),
+        reply_to=msg,
+    )
+
+
+def _metrics(result: RoundResult, sent: int) -> MetricRecord:
+    values = {"train_loss": result.train_loss, "payload_bytes": sent,
+              "train_s": result.train_s, "eval_s": result.eval_s}  # fmt: skip
+    if result.accuracy is not None:
+        values.update(accuracy=result.accuracy, loss=result.loss)
+    return MetricRecord(values)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Combine with neighbours' last messages, evaluate if asked, train locally, reply."""
+    return _step(msg, context, train=True)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Final combine with the last round's messages, then evaluate (no training)."""
+    return _step(msg, context, train=False)
+
+
+__all__ = ["app", "ArrayRecord"]

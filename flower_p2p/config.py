@@ -1,0 +1,180 @@
+"""One validated experiment config, built from Flower's ``context.run_config``.
+
+Keys are kebab-case as in ``[tool.flwr.app.config]``; every error names the key, the bad value
+and what is allowed, and is raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from flower_p2p.registry import ConfigError
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+PRETRAINED_KEYWORDS = ("none", "hub")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every knob of one experiment (field ``num_nodes`` <-> run-config key ``num-nodes``)."""
+
+    num_nodes: int = 8
+    num_rounds: int = 90
+    strategy: str = "dsgd"
+    topology: str = "ring"
+    mixing: str = "metropolis-hastings"
+    edge_prob: float = 0.3
+    degree: int = 3
+    small_world_k: int = 4
+    small_world_p: float = 0.2
+    dataset: str = "digits"
+    image_column: str = "auto"
+    label_column: str = "auto"
+    test_fraction: float = 0.2
+    partitioner: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_node: int = 2
+    model: str = "vit_tiny_patch16_224"
+    img_size: int = 32
+    patch_size: int = 8
+    depth: int = 4
+    window_size: int = 4
+    pretrained: str = "none"
+    finetune: str = "full"
+    local_epochs: int = 1
+    local_steps: int = 2
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    eval_every: int = 3
+    seed: int = 0
+    out_dir: str = ""
+    overwrite: bool = False
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """All run-config keys, kebab-case."""
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ExperimentConfig:
+        """Parse and validate a run config; unknown keys and bad values raise ConfigError."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            if key not in known:
+                raise ConfigError(key, raw, f"a known key: {', '.join(known)}")
+            f = known[key]
+            values[f.name] = _coerce(key, raw, type(getattr(cls(), f.name)))
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The config as Flower run-config values (kebab-case keys)."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some fields changed (snake_case names), validated."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check every value against what is allowed; registries name the allowed choices."""
+        # Local imports: the registries live next to the code they describe.
+        from flower_p2p.data import PARTITIONERS, check_dataset_spec
+        from flower_p2p.models import FINETUNE_MODES, check_model_name
+        from flower_p2p.topology import GRAPHS, MIXINGS
+        from strategies import strategy_names
+
+        _positive("num-nodes", self.num_nodes, minimum=1)
+        _positive("num-rounds", self.num_rounds)
+        if self.strategy not in strategy_names():
+            raise ConfigError("strategy", self.strategy, f"one of {', '.join(strategy_names())}")
+        if self.strategy not in ("centralized", "local") and self.num_nodes < 2:
+            raise ConfigError("num-nodes", self.num_nodes, f"at least 2 for {self.strategy}")
+        if self.topology not in GRAPHS and not _looks_like_path(self.topology):
+            raise ConfigError(
+                "topology", self.topology, f"one of {', '.join(GRAPHS)} or an edge-list file path"
+            )
+        if _looks_like_path(self.topology) and not Path(self.topology).expanduser().is_file():
+            raise ConfigError("topology", self.topology, "an existing edge-list file")
+        MIXINGS.get(self.mixing)
+        PARTITIONERS.get(self.partitioner)
+        if not self.alpha > 0:
+            raise ConfigError("alpha", self.alpha, "a Dirichlet concentration > 0")
+        _positive("classes-per-node", self.classes_per_node)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError("test-fraction", self.test_fraction, "a fraction in (0, 1)")
+        check_dataset_spec(self.dataset)
+        check_model_name(self.model)
+        # 0 keeps the architecture's own value (e.g. a hub checkpoint's full depth).
+        for key in ("img-size", "patch-size", "depth"):
+            _positive(key, getattr(self, key.replace("-", "_")), minimum=0)
+        _positive("window-size", self.window_size)
+        _positive("local-epochs", self.local_epochs)
+        _positive("local-steps", self.local_steps, minimum=0)
+        if self.img_size and self.patch_size and self.img_size % self.patch_size:
+            raise ConfigError(
+                "patch-size", self.patch_size, f"a divisor of img-size={self.img_size}"
+            )
+        if self.pretrained not in PRETRAINED_KEYWORDS:
+            path = Path(self.pretrained).expanduser()
+            if not path.is_file():
+                raise ConfigError(
+                    "pretrained",
+                    self.pretrained,
+                    "none, hub, or an existing checkpoint file (.safetensors, .pth, .pt, .bin)",
+                )
+        FINETUNE_MODES.get(self.finetune)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError("lr-schedule", self.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
+        if not self.lr > 0:
+            raise ConfigError("lr", self.lr, "a learning rate > 0")
+        if self.weight_decay < 0:
+            raise ConfigError("weight-decay", self.weight_decay, "a value >= 0")
+        _positive("batch-size", self.batch_size)
+        _positive("eval-every", self.eval_every)
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "an integer >= 0")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or spec.endswith((".txt", ".edges", ".edgelist", ".csv"))
+
+
+def _positive(key: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise ConfigError(key, value, f"an integer >= {minimum}")
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    """Accept TOML-typed values; ints for floats; refuse everything else by name."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ConfigError(key, raw, "true or false")
+    if kind is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            raise ConfigError(key, raw, "an integer")
+        return raw
+    if kind is float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(key, raw, "a number")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ConfigError(key, raw, "a string")
+    return raw

@@ -1,0 +1,281 @@
+"""Datasets, non-IID partitions (flwr-datasets) and the tensors a node trains on.
+
+``dataset`` is one of:
+
+* ``digits``: scikit-learn's bundled 8x8 digits as a ``datasets.Dataset`` (Image + ClassLabel),
+  the offline default;
+* a local folder: a ``save_to_disk`` folder, a folder of parquet files, or an imagefolder;
+* any other string: a Hugging Face hub dataset, loaded through ``flwr_datasets.FederatedDataset``.
+
+Every node evaluates on the same global test split: the dataset's ``test`` split, or, when it has
+none, a stratified ``test-fraction`` of ``train`` split off with a fixed seed (0), so changing the
+run's ``seed`` never changes the test set.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+from flwr_datasets.preprocessor import Divider
+from PIL import Image as PILImage
+from torchvision import transforms
+
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.registry import ConfigError, Registry
+
+PARTITIONERS: Registry = Registry("partitioner")
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+LABEL_COLUMNS = ("label", "fine_label", "labels", "coarse_label")
+# Per-node progress bars for tiny in-memory operations drown the round log.
+datasets.disable_progress_bars()
+# The test split of a dataset without one is fixed: it must not move with the run's seed.
+TEST_SPLIT_SEED = 0
+
+
+@PARTITIONERS.register("iid")
+def _iid(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
+    return IidPartitioner(num_partitions=cfg.num_nodes)
+
+
+@PARTITIONERS.register("dirichlet")
+def _dirichlet(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
+    # min_partition_size=1: tiny nodes are part of what a researcher studies, not an error.
+    return DirichletPartitioner(
+        num_partitions=cfg.num_nodes,
+        partition_by=label_column,
+        alpha=cfg.alpha,
+        min_partition_size=1,
+        seed=cfg.seed,
+    )
+
+
+@PARTITIONERS.register("pathological")
+def _pathological(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
+    if not 1 <= cfg.classes_per_node <= num_classes:
+        raise ConfigError(
+            "classes-per-node", cfg.classes_per_node, f"an integer in [1, {num_classes}]"
+        )
+    return PathologicalPartitioner(
+        num_partitions=cfg.num_nodes,
+        partition_by=label_column,
+        num_classes_per_partition=cfg.classes_per_node,
+        class_assignment_mode="random",
+        seed=cfg.seed,
+    )
+
+
+def check_dataset_spec(spec: str) -> None:
+    """Refuse a dataset spec that is certainly wrong without touching the network."""
+    if not spec or not spec.strip():
+        raise ConfigError("dataset", spec, "digits, a local dataset folder or a hub dataset name")
+    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
+        raise ConfigError("dataset", spec, "an existing local dataset folder")
+
+
+def digits_dataset() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images) as a Dataset with Image/ClassLabel."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    # 0..16 intensities -> 0..255 grayscale images
+    pixels = np.clip(raw.images * 16, 0, 255).astype(np.uint8)
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    return Dataset.from_dict(
+        {"image": [PILImage.fromarray(p, mode="L") for p in pixels], "label": raw.target.tolist()},
+        features=features,
+    )
+
+
+def _load_local(path: Path) -> DatasetDict:
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = load_from_disk(str(path))
+    elif any(path.rglob("*.parquet")):
+        loaded = load_dataset("parquet", data_dir=str(path))
+    else:
+        loaded = load_dataset("imagefolder", data_dir=str(path))
+    return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+
+
+def _split_off_test(train: Dataset, label_column: str, fraction: float) -> DatasetDict:
+    stratify = label_column if isinstance(train.features[label_column], ClassLabel) else None
+    return train.train_test_split(
+        test_size=fraction, seed=TEST_SPLIT_SEED, stratify_by_column=stratify
+    )
+
+
+def pick_column(columns: list[str], wanted: str, candidates: tuple[str, ...], key: str) -> str:
+    """The configured column, or the first common name present when ``wanted`` is 'auto'."""
+    if wanted != "auto":
+        if wanted not in columns:
+            raise ConfigError(key, wanted, f"a column of the dataset: {', '.join(columns)}")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ConfigError(
+        key, "auto", f"a column name; none of {', '.join(candidates)} is in {', '.join(columns)}"
+    )
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A dataset split into per-node training partitions plus one global test split."""
+
+    partitions: tuple[Dataset, ...]
+    test: Dataset
+    image_column: str
+    label_column: str
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    def union(self) -> Dataset:
+        """All nodes' training data together: what the centralized reference trains on."""
+        from datasets import concatenate_datasets
+
+        return concatenate_datasets(list(self.partitions))
+
+
+def _class_names(ds: Dataset, label_column: str) -> tuple[str, ...]:
+    feature = ds.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return tuple(feature.names)
+    return tuple(str(v) for v in sorted(set(ds[label_column])))
+
+
+def _data_key(cfg: ExperimentConfig) -> tuple:
+    return (
+        cfg.dataset, cfg.image_column, cfg.label_column, cfg.test_fraction, cfg.partitioner,
+        cfg.alpha, cfg.classes_per_node, cfg.num_nodes, cfg.seed,
+    )  # fmt: skip
+
+
+def load_data(cfg: ExperimentConfig) -> DataBundle:
+    """Partitions and test split for ``cfg``; cached per process (nodes share a process in sims)."""
+    return _load_data_cached(_data_key(cfg), cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data_cached(key: tuple, cfg: ExperimentConfig) -> DataBundle:
+    spec = cfg.dataset
+    local = Path(spec).expanduser()
+    if spec == "digits" or local.exists():
+        splits = (
+            DatasetDict({"train": digits_dataset()}) if spec == "digits" else _load_local(local)
+        )
+        if "train" not in splits:
+            raise ConfigError(
+                "dataset", spec, f"a dataset with a 'train' split (has {list(splits)})"
+            )
+        columns = splits["train"].column_names
+        image_col = pick_column(columns, cfg.image_column, IMAGE_COLUMNS, "image-column")
+        label_col = pick_column(columns, cfg.label_column, LABEL_COLUMNS, "label-column")
+        if "test" not in splits:
+            splits = _split_off_test(splits["train"], label_col, cfg.test_fraction)
+        train, test = splits["train"], splits["test"]
+        names = _class_names(train, label_col)
+        _check_node_count(cfg, len(train))
+        partitioner = PARTITIONERS.get(cfg.partitioner)(cfg, label_col, len(names))
+        partitioner.dataset = train
+        partitions = _load_partitions(partitioner, cfg)
+    else:
+        partitions, test, image_col, label_col, names = _load_hub(cfg)
+    return DataBundle(tuple(partitions), test, image_col, label_col, names)
+
+
+def _check_node_count(cfg: ExperimentConfig, num_train: int) -> None:
+    if cfg.num_nodes > num_train:
+        raise ConfigError(
+            "num-nodes", cfg.num_nodes, f"at most {num_train} (training samples of {cfg.dataset})"
+        )
+
+
+def _load_partitions(partitioner: Partitioner, cfg: ExperimentConfig) -> list[Dataset]:
+    try:
+        parts = [partitioner.load_partition(i) for i in range(cfg.num_nodes)]
+    except ValueError as err:  # flwr-datasets says why a partitioning is impossible
+        raise ConfigError(
+            "partitioner", cfg.partitioner, f"a feasible partitioning: {err}"
+        ) from err
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ConfigError(
+            "num-nodes",
+            cfg.num_nodes,
+            f"a value that leaves no node without data (empty partitions: {empty}); "
+            "use fewer nodes, a larger alpha or more classes-per-node",
+        )
+    return parts
+
+
+def _load_hub(cfg: ExperimentConfig) -> tuple[list[Dataset], Dataset, str, str, tuple[str, ...]]:
+    from datasets import get_dataset_split_names
+
+    try:
+        split_names = get_dataset_split_names(cfg.dataset)
+    except Exception as err:  # offline, unknown name, private repo: all end here
+        raise ConfigError(
+            "dataset",
+            cfg.dataset,
+            "digits, an existing local dataset folder, or a Hugging Face hub dataset "
+            f"reachable from here ({type(err).__name__}: {err})",
+        ) from err
+    probe = load_dataset(cfg.dataset, split="train[:1]")
+    image_col = pick_column(probe.column_names, cfg.image_column, IMAGE_COLUMNS, "image-column")
+    label_col = pick_column(probe.column_names, cfg.label_column, LABEL_COLUMNS, "label-column")
+    names = _class_names(probe, label_col)
+    preprocessor = None
+    if "test" not in split_names:
+        preprocessor = Divider(
+            divide_config={"train": 1.0 - cfg.test_fraction, "test": cfg.test_fraction},
+            divide_split="train",
+        )
+    partitioner = PARTITIONERS.get(cfg.partitioner)(cfg, label_col, len(names))
+    fds = FederatedDataset(
+        dataset=cfg.dataset,
+        partitioners={"train": partitioner},
+        preprocessor=preprocessor,
+        seed=TEST_SPLIT_SEED,
+    )
+    _check_node_count(cfg, len(fds.load_split("train")))
+    return _load_partitions(partitioner, cfg), fds.load_split("test"), image_col, label_col, names
+
+
+def make_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    """Deterministic preprocessing: RGB, resize to the model input, normalise."""
+    return transforms.Compose(
+        [
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize((img_size, img_size), antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def to_tensors(ds: Dataset, bundle: DataBundle, transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of ``ds`` preprocessed into one (N, 3, H, W) tensor, plus labels (N,)."""
+    images = torch.stack([transform(im) for im in ds[bundle.image_column]])
+    labels = torch.as_tensor(ds[bundle.label_column], dtype=torch.long)
+    return images, labels
+
+
+def label_histogram(ds: Dataset, bundle: DataBundle) -> np.ndarray:
+    """Samples per class in ``ds``."""
+    return np.bincount(np.asarray(ds[bundle.label_column]), minlength=bundle.num_classes)

@@ -1,0 +1,173 @@
+"""timm vision transformers: factory with CPU-sized overrides, pretrained loading, fine-tune modes.
+
+``model`` is any timm name of the ViT family (``vit_*``, ``deit_*``, ``swin_*``). ``pretrained`` is
+``none``, ``hub`` (timm's own download) or a local checkpoint file loaded through timm's pretrained
+machinery (``pretrained_cfg_overlay=dict(file=...)``); the classifier is always reset to the
+dataset's classes. Only parameters that the ``finetune`` mode makes trainable ever leave a node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.registry import ConfigError, Registry
+
+FAMILIES = ("vit_", "deit_", "swin_")
+FINETUNE_MODES: Registry = Registry("finetune")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse names that are not timm ViT/DeiT/Swin models."""
+    if not name.startswith(FAMILIES) or name not in timm.list_models(name):
+        examples = ", ".join(
+            n
+            for n in (
+                "vit_tiny_patch16_224",
+                "deit_tiny_patch16_224",
+                "swin_tiny_patch4_window7_224",
+            )
+        )
+        raise ConfigError(
+            "model",
+            name,
+            f"a timm model name starting with {', '.join(FAMILIES)} (e.g. {examples})",
+        )
+
+
+def _swin_stage_args(name: str, stages: int) -> dict:
+    """Depths/heads of the first ``stages`` Swin stages, read off a meta-device instance."""
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+    depths = tuple(len(layer.blocks) for layer in ref.layers)
+    heads = tuple(layer.blocks[0].attn.num_heads for layer in ref.layers)
+    if not 1 <= stages <= len(depths):
+        raise ConfigError("depth", stages, f"a number of Swin stages in [1, {len(depths)}]")
+    return {"depths": depths[:stages], "num_heads": heads[:stages]}
+
+
+def architecture_overrides(cfg: ExperimentConfig) -> dict:
+    """Constructor overrides that shrink the model (0 keeps the architecture's own value)."""
+    kw: dict = {}
+    if cfg.img_size:
+        kw["img_size"] = cfg.img_size
+    if cfg.patch_size:
+        kw["patch_size"] = cfg.patch_size
+    if cfg.model.startswith("swin_"):
+        kw["window_size"] = cfg.window_size
+        if cfg.depth:
+            kw.update(_swin_stage_args(cfg.model, cfg.depth))
+    elif cfg.depth:
+        kw["depth"] = cfg.depth
+    return kw
+
+
+def checkpoint_num_classes(path: Path, classifier: str | tuple[str, ...]) -> int:
+    """Rows of the classifier weight stored in a checkpoint (what timm must expect to load it)."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path))
+    except Exception as err:
+        raise ConfigError("pretrained", str(path), f"a readable checkpoint ({err})") from err
+    head = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    key = f"{head}.weight"
+    if key not in state:
+        raise ConfigError("pretrained", str(path), f"a checkpoint of this model (no '{key}' in it)")
+    return int(state[key].shape[0])
+
+
+def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """Build the model for ``cfg`` with a freshly initialised ``num_classes`` head.
+
+    The same ``seed`` gives every node the same initial weights (standard for gossip SGD).
+    """
+    torch.manual_seed(cfg.seed)
+    kw = architecture_overrides(cfg)
+    try:
+        if cfg.pretrained == "none":
+            model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, **kw)
+        elif cfg.pretrained == "hub":
+            # A shortened depth drops blocks of the hub checkpoint on purpose: load the rest.
+            model = timm.create_model(
+                cfg.model,
+                pretrained=True,
+                num_classes=num_classes,
+                pretrained_strict=not (cfg.depth and not cfg.model.startswith("swin_")),
+                **kw,
+            )
+        else:
+            path = Path(cfg.pretrained).expanduser()
+            if not path.is_file():
+                raise ConfigError("pretrained", cfg.pretrained, "an existing checkpoint file")
+            classifier = timm.models.get_pretrained_cfg(cfg.model).classifier
+            # Build with the checkpoint's own head size so timm loads strictly (a differing
+            # num_classes makes timm drop the head *and* silently accept missing blocks).
+            ckpt_classes = checkpoint_num_classes(path, classifier)
+            model = timm.create_model(
+                cfg.model,
+                pretrained=True,
+                pretrained_cfg_overlay=dict(file=str(path), num_classes=ckpt_classes),
+                num_classes=ckpt_classes,
+                **kw,
+            )
+    except RuntimeError as err:  # size mismatches from load_state_dict
+        raise ConfigError(
+            "pretrained", cfg.pretrained, f"a checkpoint matching model={cfg.model} {kw}: {err}"
+        ) from err
+    if cfg.pretrained != "none":
+        torch.manual_seed(cfg.seed)
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    classifier = model.pretrained_cfg.get("classifier", "head")
+    return tuple(classifier) if isinstance(classifier, (tuple, list)) else (classifier,)
+
+
+@FINETUNE_MODES.register("full")
+def _full(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
+    return [n for n, _ in model.named_parameters()]
+
+
+@FINETUNE_MODES.register("head")
+def _head(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
+    prefixes = tuple(p + "." for p in _classifier_prefixes(model))
+    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
+
+
+def apply_finetune(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
+    """Freeze everything the ``finetune`` mode does not train; return the trainable names."""
+    select: Callable[[nn.Module, ExperimentConfig], list[str]] = FINETUNE_MODES.get(cfg.finetune)
+    names = set(select(model, cfg))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    return [n for n, _ in model.named_parameters() if n in names]
+
+
+def get_params(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
+    """Copies of the named parameters as numpy arrays (what travels between nodes)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu().numpy().copy() for n in names}
+
+
+def set_params(model: nn.Module, values: dict[str, np.ndarray]) -> None:
+    """Overwrite the named parameters in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in values.items():
+            params[n].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+
+
+def data_config(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std normalisation the model's pretrained config expects."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return tuple(cfg["mean"]), tuple(cfg["std"])

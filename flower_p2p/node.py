@@ -1,0 +1,145 @@
+"""One node's work in one round, independent of how messages travel.
+
+``NodeRuntime`` holds what a node rebuilds rather than sends (model skeleton, preprocessed data);
+``run_round`` is the whole round: combine with the inbox, evaluate, train locally, produce the
+outgoing message. The ClientApp and any plain single-process loop call the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.data import load_data, make_transform, to_tensors
+from flower_p2p.models import apply_finetune, create_model, data_config, get_params, set_params
+from flower_p2p.training import (
+    evaluate,
+    lr_at_round,
+    make_optimizer,
+    optimizer_from_bytes,
+    optimizer_to_bytes,
+    pick_device,
+    train_epochs,
+)
+from strategies import GossipAlgorithm, Params, State
+
+CENTRALIZED_NODE = 0
+
+
+class NodeRuntime:
+    """Model skeleton and preprocessed tensors of one node (the centralized reference: all data)."""
+
+    def __init__(self, cfg: ExperimentConfig, node: int) -> None:
+        self.cfg, self.node = cfg, node
+        self.device = pick_device()
+        bundle = load_data(cfg)
+        self.num_classes = bundle.num_classes
+        self.model = create_model(cfg, bundle.num_classes).to(self.device)
+        self.trainable = apply_finetune(self.model, cfg)
+        self.initial_params = get_params(self.model, self.trainable)
+        transform = make_transform(cfg.img_size or 224, *data_config(self.model))
+        train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]
+        self.train_x, self.train_y = to_tensors(train, bundle, transform)
+        self.test_x, self.test_y = to_tensors(bundle.test, bundle, transform)
+        self.train_classes = sorted(set(self.train_y.tolist()))
+
+    def optimizer(self, blob: bytes | None, rnd: int) -> torch.optim.Optimizer:
+        """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
+
+        Its state (e.g. AdamW moments) stays on the node between rounds and is never sent.
+        """
+        cfg = self.cfg
+        opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        if blob:
+            optimizer_from_bytes(opt, blob)
+        for group in opt.param_groups:
+            group["lr"] = lr_at_round(cfg.lr, cfg.lr_schedule, rnd, cfg.num_rounds)
+        return opt
+
+
+@functools.lru_cache(maxsize=128)
+def node_runtime(cfg: ExperimentConfig, node: int) -> NodeRuntime:
+    """Per-process cache: a node's model and data are built once, not every round."""
+    return NodeRuntime(cfg, node)
+
+
+@dataclass
+class RoundResult:
+    """Everything a round produces at one node."""
+
+    params: Params
+    message: Params
+    state: State
+    optimizer: bytes
+    train_loss: float
+    accuracy: float | None = None
+    loss: float | None = None
+    train_s: float = 0.0
+    eval_s: float = 0.0
+
+
+def round_generator(seed: int, node: int, rnd: int) -> torch.Generator:
+    """Shuffling RNG that depends only on (seed, node, round): any process, same batches."""
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, node, rnd]).generate_state(1)[0])
+    )
+
+
+def run_round(
+    rt: NodeRuntime,
+    algo: GossipAlgorithm,
+    params: Params | None,
+    state: State | None,
+    optimizer_blob: bytes | None,
+    inbox: dict[int, Params],
+    weights: dict[int, float],
+    rnd: int,
+    do_eval: bool,
+    train: bool = True,
+) -> RoundResult:
+    """Combine -> (evaluate) -> train -> message, for round ``rnd`` (1-based) at ``rt.node``.
+
+    Evaluation happens on the combined model, i.e. the node's model after ``rnd - 1`` full rounds.
+    With ``train=False`` (the final evaluation) no training happens and nothing is sent.
+    """
+    if params is None:
+        params = rt.initial_params
+    if state is None:
+        state = algo.init_state(params)
+    params = algo.combine(params, state, inbox, weights, rt.node)
+    set_params(rt.model, params)
+    result = RoundResult(params=params, message={}, state=state, optimizer=optimizer_blob or b"",
+                         train_loss=float("nan"))  # fmt: skip
+    if do_eval:
+        t0 = time.perf_counter()
+        acc, loss, _ = evaluate(rt.model, rt.test_x, rt.test_y, 256, rt.device)
+        result.accuracy, result.loss, result.eval_s = acc, loss, time.perf_counter() - t0
+    if not train:
+        return result
+    t0 = time.perf_counter()
+    opt = rt.optimizer(optimizer_blob, rnd)
+    cfg = rt.cfg
+    gen = round_generator(cfg.seed, rt.node, rnd)
+    # The centralized reference takes every node's steps itself: same optimizer-step budget.
+    steps = cfg.local_steps * (cfg.num_nodes if cfg.strategy == "centralized" else 1)
+    result.train_loss = train_epochs(
+        rt.model, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
+        steps=steps,
+    )  # fmt: skip
+    result.train_s = time.perf_counter() - t0
+    result.params = get_params(rt.model, rt.trainable)
+    result.optimizer = optimizer_to_bytes(opt)
+    result.message = algo.message(result.params, state)
+    return result
+
+
+def algorithm_for(cfg: ExperimentConfig) -> GossipAlgorithm:
+    """The gossip algorithm a node runs; the centralized reference trains like a lone node."""
+    from strategies import create_strategy
+
+    return create_strategy("local" if cfg.strategy == "centralized" else cfg.strategy)

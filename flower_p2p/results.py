@@ -1,0 +1,80 @@
+"""The results folder: config.json, metrics.jsonl, network.jsonl, summary.json.
+
+Every file is written to a temporary name and renamed into place, so a reader (or a crash) never
+sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from flower_p2p.registry import ConfigError
+
+PACKAGES = ("flwr", "flwr-datasets", "torch", "timm", "datasets", "numpy", "networkx")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write pretty JSON."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Atomically (re)write a JSON-lines file."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that decide the numbers."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def resolve_out_dir(out_dir: str, strategy: str) -> Path:
+    """``out-dir`` as given, or a new timestamped folder under ``runs/``."""
+    if out_dir:
+        return Path(out_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return (Path("runs") / f"{stamp}-{strategy}").resolve()
+
+
+def prepare_out_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder holding results unless ``overwrite`` is set."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError("out-dir", str(path), "a folder path (this is a file)")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(
+            "out-dir", str(path), "a new or empty folder, or overwrite=true to replace its results"
+        )
+    path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,293 @@
+"""Communication graphs (networkx) and gossip mixing matrices.
+
+Every graph is undirected, on nodes ``0..n-1`` (the nodes' ``partition-id``), and connected.
+Mixing matrices are symmetric and doubly stochastic, so plain gossip converges to the exact
+average; the spectral gap ``1 - |lambda_2(W)|`` sets how fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+
+from flower_p2p.registry import ConfigError, Registry
+
+GRAPHS: Registry = Registry("topology")
+MIXINGS: Registry = Registry("mixing")
+
+# Resampling random graphs until connected must end; past this many seeds we blame the params.
+_MAX_RESAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class GraphParams:
+    """Parameters of the random graph families (ignored by the others)."""
+
+    edge_prob: float = 0.3
+    degree: int = 3
+    small_world_k: int = 4
+    small_world_p: float = 0.2
+
+
+@GRAPHS.register("ring")
+def ring(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """Cycle 0-1-...-(n-1)-0 (a single edge for n = 2)."""
+    return nx.cycle_graph(n) if n > 2 else nx.path_graph(n)
+
+
+def _torus_shape(n: int) -> tuple[int, int]:
+    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    return rows, n // rows
+
+
+@GRAPHS.register("torus")
+def torus(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """2-D periodic grid of rows x cols = n, as square as n's divisors allow."""
+    rows, cols = _torus_shape(n)
+    if rows == 1:
+        # A 1 x n torus is just a ring; say so rather than silently returning one.
+        raise ConfigError("topology", "torus", f"num-nodes with a divisor >= 2 (got prime {n})")
+    g = nx.grid_2d_graph(rows, cols, periodic=True)
+    return nx.convert_node_labels_to_integers(g, ordering="sorted")
+
+
+@GRAPHS.register("complete")
+def complete(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """Every node linked to every other."""
+    return nx.complete_graph(n)
+
+
+@GRAPHS.register("star")
+def star(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """Node 0 linked to all others (still no server: node 0 is a peer that trains)."""
+    return nx.star_graph(n - 1)
+
+
+def _resample_connected(make, key: str, hint: str) -> nx.Graph:
+    for attempt in range(_MAX_RESAMPLES):
+        g = make(attempt)
+        if nx.is_connected(g):
+            return g
+    raise ConfigError(key, "disconnected", f"parameters giving a connected graph ({hint})")
+
+
+@GRAPHS.register("erdos-renyi")
+def erdos_renyi(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """G(n, edge-prob), resampled from seed, seed+1, ... until connected."""
+    if not 0.0 < p.edge_prob <= 1.0:
+        raise ConfigError("edge-prob", p.edge_prob, "a probability in (0, 1]")
+    return _resample_connected(
+        lambda k: nx.gnp_random_graph(n, p.edge_prob, seed=seed + k),
+        "edge-prob",
+        f"no connected G({n}, {p.edge_prob}) in {_MAX_RESAMPLES} samples; raise edge-prob",
+    )
+
+
+@GRAPHS.register("small-world")
+def small_world(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """Watts-Strogatz: ring lattice with small-world-k neighbours, rewired w.p. small-world-p."""
+    if not 2 <= p.small_world_k < n:
+        raise ConfigError("small-world-k", p.small_world_k, f"an integer in [2, {n - 1}]")
+    if not 0.0 <= p.small_world_p <= 1.0:
+        raise ConfigError("small-world-p", p.small_world_p, "a probability in [0, 1]")
+    return _resample_connected(
+        lambda k: nx.watts_strogatz_graph(n, p.small_world_k, p.small_world_p, seed=seed + k),
+        "small-world-p",
+        "lower small-world-p or raise small-world-k",
+    )
+
+
+@GRAPHS.register("random-regular")
+def random_regular(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """Uniform random d-regular graph (d = degree), resampled until connected."""
+    d = p.degree
+    connectable = d >= 2 or n == 2
+    if not (1 <= d < n and (n * d) % 2 == 0 and connectable):
+        raise ConfigError(
+            "degree", d, f"an integer in [2, {n - 1}] with num-nodes * degree even (num-nodes={n})"
+        )
+    return _resample_connected(
+        lambda k: nx.random_regular_graph(d, n, seed=seed + k), "degree", "raise degree"
+    )
+
+
+@GRAPHS.register("exponential")
+def exponential(n: int, seed: int, p: GraphParams) -> nx.Graph:
+    """Node i linked to i +- 2^k (mod n) for every 2^k < n: O(log n) degree, large gap."""
+    g = nx.empty_graph(n)
+    hop = 1
+    while hop < n:
+        g.add_edges_from((i, (i + hop) % n) for i in range(n) if (i + hop) % n != i)
+        hop *= 2
+    return g
+
+
+def read_edge_list(path: Path, n: int) -> nx.Graph:
+    """An undirected graph from a whitespace edge-list file ``u v`` per line (``#`` comments)."""
+    if not path.is_file():
+        raise ConfigError("topology", str(path), "a registered name or an existing edge-list file")
+    g = nx.empty_graph(n)
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            u, v = int(parts[0]), int(parts[1])
+        except (ValueError, IndexError):
+            raise ConfigError(
+                "topology", f"{path}:{lineno}: {raw!r}", "lines of two integer node ids 'u v'"
+            ) from None
+        if u == v:
+            raise ConfigError("topology", f"{path}:{lineno}: self-loop {u}-{v}", "no self-loops")
+        if not (0 <= u < n and 0 <= v < n):
+            raise ConfigError(
+                "topology",
+                f"{path}:{lineno}: edge {u}-{v}",
+                f"node ids in [0, {n - 1}] (num-nodes)",
+            )
+        g.add_edge(u, v)
+    return g
+
+
+def build_graph(spec: str, n: int, seed: int, params: GraphParams | None = None) -> nx.Graph:
+    """The connected communication graph named by ``spec`` (a registered name or a file path)."""
+    params = params or GraphParams()
+    if n < 2:
+        raise ConfigError("num-nodes", n, "at least 2 nodes for a communication graph")
+    if spec in GRAPHS:
+        g = GRAPHS.get(spec)(n, seed, params)
+    elif "/" in spec or spec.endswith((".txt", ".edges", ".edgelist", ".csv")):
+        g = read_edge_list(Path(spec).expanduser(), n)
+    else:
+        GRAPHS.get(spec)  # raises with the list of known names
+        raise AssertionError("unreachable")
+    if not nx.is_connected(g):
+        parts = [sorted(c) for c in nx.connected_components(g)]
+        raise ConfigError("topology", spec, f"a connected graph (components: {parts})")
+    return g
+
+
+@MIXINGS.register("metropolis-hastings")
+def metropolis_hastings(g: nx.Graph) -> np.ndarray:
+    """W_ij = 1 / (1 + max(d_i, d_j)) on edges; the rest on the diagonal."""
+    n = g.number_of_nodes()
+    w = np.zeros((n, n))
+    deg = dict(g.degree())
+    for i, j in g.edges():
+        w[i, j] = w[j, i] = 1.0 / (1.0 + max(deg[i], deg[j]))
+    np.fill_diagonal(w, 1.0 - w.sum(axis=1))
+    return w
+
+
+@MIXINGS.register("max-degree")
+def max_degree(g: nx.Graph) -> np.ndarray:
+    """W_ij = 1 / (1 + d_max) on edges; the rest on the diagonal."""
+    n = g.number_of_nodes()
+    d_max = max(d for _, d in g.degree())
+    w = np.zeros((n, n))
+    for i, j in g.edges():
+        w[i, j] = w[j, i] = 1.0 / (1.0 + d_max)
+    np.fill_diagonal(w, 1.0 - w.sum(axis=1))
+    return w
+
+
+@MIXINGS.register("uniform-neighbour")
+def uniform_neighbour(g: nx.Graph) -> np.ndarray:
+    """W_ij = 1 / (1 + d_i) over the closed neighbourhood: doubly stochastic on regular graphs."""
+    n = g.number_of_nodes()
+    w = np.zeros((n, n))
+    for i in range(n):
+        share = 1.0 / (1.0 + g.degree(i))
+        w[i, i] = share
+        for j in g.neighbors(i):
+            w[i, j] = share
+    return w
+
+
+def check_mixing(w: np.ndarray, g: nx.Graph, mixing: str = "mixing", atol: float = 1e-10) -> None:
+    """Raise unless W is symmetric, doubly stochastic, non-negative and supported on g's edges."""
+    n = g.number_of_nodes()
+    if w.shape != (n, n):
+        raise ValueError(f"mixing matrix has shape {w.shape}, expected {(n, n)}")
+    if (w < -atol).any():
+        raise ConfigError("mixing", mixing, "a rule giving non-negative weights on this graph")
+    if not np.allclose(w, w.T, atol=atol) or not np.allclose(w.sum(axis=1), 1.0, atol=atol):
+        degrees = sorted({d for _, d in g.degree()})
+        raise ConfigError(
+            "mixing",
+            mixing,
+            "a rule that is symmetric and doubly stochastic on this graph "
+            f"(node degrees {degrees}; uniform-neighbour needs a regular graph: "
+            "use metropolis-hastings or max-degree)",
+        )
+    off_support = (w != 0) & ~np.eye(n, dtype=bool) & (nx.to_numpy_array(g, nodelist=range(n)) == 0)
+    if off_support.any():
+        raise ValueError("mixing matrix has weight between non-neighbours")
+
+
+def spectral_gap(w: np.ndarray) -> float:
+    """1 - |lambda_2(W)|: the second-largest eigenvalue magnitude of a symmetric W."""
+    mags = np.sort(np.abs(np.linalg.eigvalsh(w)))[::-1]
+    return float(1.0 - mags[1])
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A connected graph with its validated mixing matrix."""
+
+    graph: nx.Graph
+    weights: np.ndarray
+    name: str
+    mixing: str
+    neighbours: tuple[tuple[int, ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        nbrs = tuple(tuple(sorted(self.graph.neighbors(i))) for i in range(self.num_nodes))
+        object.__setattr__(self, "neighbours", nbrs)
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of nodes."""
+        return self.graph.number_of_nodes()
+
+    def row(self, i: int) -> dict[int, float]:
+        """Node i's mixing weights over its closed neighbourhood (itself included)."""
+        return {j: float(self.weights[i, j]) for j in (i, *self.neighbours[i])}
+
+    @property
+    def spectral_gap(self) -> float:
+        """1 - |lambda_2(W)|."""
+        return spectral_gap(self.weights)
+
+
+def build_topology(
+    spec: str, mixing: str, n: int, seed: int, params: GraphParams | None = None
+) -> Topology:
+    """Graph plus validated mixing matrix: the whole 'who talks to whom, how much'."""
+    rule = MIXINGS.get(mixing)
+    g = build_graph(spec, n, seed, params)
+    w = rule(g)
+    check_mixing(w, g, mixing)
+    return Topology(graph=g, weights=w, name=spec, mixing=mixing)
+
+
+def topology_for(cfg) -> Topology:  # cfg: ExperimentConfig (not imported: config imports us)
+    """The run's topology, built once per process from the run config."""
+    return _topology_cached(
+        cfg.topology,
+        cfg.mixing,
+        cfg.num_nodes,
+        cfg.seed,
+        GraphParams(cfg.edge_prob, cfg.degree, cfg.small_world_k, cfg.small_world_p),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _topology_cached(spec: str, mixing: str, n: int, seed: int, params: GraphParams) -> Topology:
+    return build_topology(spec, mixing, n, seed, params)

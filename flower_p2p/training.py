@@ -1,0 +1,107 @@
+"""Local training and evaluation loops (plain torch, no Flower)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import torch
+from torch import nn
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU; nothing requires a GPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lr_at_round(lr: float, schedule: str, rnd: int, num_rounds: int) -> float:
+    """Learning rate of round ``rnd`` (1-based): constant, or cosine-decayed to 0 over the run."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (rnd - 1) / num_rounds))
+    return lr
+
+
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9) over the trainable parameters only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def optimizer_to_bytes(opt: torch.optim.Optimizer) -> bytes:
+    """Serialise optimizer state (kept on the node between rounds, never sent)."""
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    return buf.getvalue()
+
+
+def optimizer_from_bytes(opt: torch.optim.Optimizer, blob: bytes) -> None:
+    """Restore optimizer state saved by ``optimizer_to_bytes``."""
+    opt.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator, epochs: int, steps: int):
+    """Index batches: ``epochs`` shuffled passes, or exactly ``steps`` batches when steps > 0.
+
+    Steps draw from fresh shuffled passes as needed, so a node with little data still takes
+    ``steps`` full batches (the same number of optimizer steps everywhere).
+    """
+    taken = 0
+    for _ in range(epochs if steps <= 0 else 1 << 30):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            if 0 < steps <= taken:
+                return
+            yield order[start : start + batch_size]
+            taken += 1
+
+
+def train_epochs(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    steps: int = 0,
+) -> float:
+    """Minibatch training for ``epochs`` passes (or ``steps`` batches); returns the mean loss."""
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total, seen = 0.0, 0
+    for idx in minibatches(len(labels), batch_size, generator, epochs, steps):
+        x, y = images[idx].to(device), labels[idx].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[float, float, torch.Tensor]:
+    """Accuracy, mean cross-entropy and the predicted labels on (images, labels)."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, preds = 0.0, []
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start : start + batch_size].to(device), labels[start : start + batch_size]
+        logits = model(x).cpu()
+        total_loss += loss_fn(logits, y).item()
+        preds.append(logits.argmax(dim=1))
+    pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    acc = float((pred == labels).float().mean()) if len(labels) else 0.0
+    return acc, total_loss / max(len(labels), 1), pred

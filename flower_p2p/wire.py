@@ -1,0 +1,49 @@
+"""What travels: numpy parameter dicts <-> Flower records, and the message layout.
+
+Server -> node ``train``/``evaluate`` message content:
+  ``config``      ConfigRecord: round, evaluate (bool)
+  ``in:<j>``      ArrayRecord: the message neighbour j sent last round (one per arrived neighbour)
+Node -> server reply content:
+  ``out``         ArrayRecord: what this node sends to its neighbours (empty: nothing to send)
+  ``metrics``     MetricRecord: accuracy/loss (when evaluated), train_loss, payload_bytes, timings
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+INBOX_PREFIX = "in:"
+
+
+def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
+    """Pack named numpy arrays into an ArrayRecord (order preserved)."""
+    record = ArrayRecord()
+    for name, value in params.items():
+        record[name] = Array(np.ascontiguousarray(value))
+    return record
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Unpack an ArrayRecord into named numpy arrays."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of a serialised payload: array buffers (with their npy headers) plus keys."""
+    return record.count_bytes()
+
+
+def pack_inbox(content: RecordDict, inbox: dict[int, ArrayRecord]) -> None:
+    """Put neighbours' messages into a message's content, keyed by sender id."""
+    for sender, record in sorted(inbox.items()):
+        content[f"{INBOX_PREFIX}{sender}"] = record
+
+
+def unpack_inbox(content: RecordDict) -> dict[int, dict[str, np.ndarray]]:
+    """Neighbours' messages from a message's content, keyed by sender id."""
+    return {
+        int(key[len(INBOX_PREFIX) :]): from_record(record)
+        for key, record in content.array_records.items()
+        if key.startswith(INBOX_PREFIX)
+    }

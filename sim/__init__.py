@@ -1,0 +1,1 @@
+"""Experiment running, comparisons and plots."""

@@ -1,0 +1,88 @@
+"""``python -m sim``: run experiments and compare strategies through Flower's simulation engine.
+
+python -m sim run [key=value ...]       one experiment (same keys as the run config)
+python -m sim compare [key=value ...]   gossip vs local vs centralized on the same budget
+python -m sim plot <run-folder>         regenerate the plots from saved metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.registry import ConfigError
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs, values read as TOML scalars (bare words are strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError("argument", pair, "key=value (e.g. num-rounds=10)")
+        key, raw = pair.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    """The run-config defaults: pyproject's [tool.flwr.app.config] when present, else built-in."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.exists():
+        cfg = tomllib.loads(pyproject.read_text())
+        table = cfg.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+        if table:
+            return dict(table)
+    return ExperimentConfig().to_run_config()
+
+
+def config_from_args(pairs: list[str]) -> ExperimentConfig:
+    """Defaults overridden by the command line, validated."""
+    return ExperimentConfig.from_run_config({**defaults(), **parse_overrides(pairs)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "compare"):
+        p = sub.add_parser(name)
+        p.add_argument("overrides", nargs="*", help="run-config key=value pairs")
+        p.add_argument("--verbose", action="store_true")
+    p = sub.add_parser("plot")
+    p.add_argument("folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from sim.engine import run_experiment
+
+            out = run_experiment(config_from_args(args.overrides), verbose=args.verbose)
+            print(json.dumps(json.loads((out / "summary.json").read_text()), indent=2))
+            print(out)
+        elif args.command == "compare":
+            from sim.compare import compare
+
+            out = compare(config_from_args(args.overrides), verbose=args.verbose)
+            print((out / "compare.md").read_text())
+            print(out)
+        else:
+            from sim.plots import plot_run
+
+            for path in plot_run(Path(args.folder)):
+                print(path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,90 @@
+"""Gossip vs its references on the same data and optimizer-step budget."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flower_p2p.config import ExperimentConfig  # noqa: E402
+from flower_p2p.results import (  # noqa: E402
+    atomic_write_text,
+    prepare_out_dir,
+    read_jsonl,
+    resolve_out_dir,
+    write_json,  # noqa: E402
+)
+from sim.plots import accuracy_table, plot_run  # noqa: E402
+
+REFERENCES = ("local", "centralized")
+
+
+def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
+    """Run ``cfg.strategy`` and the references into one folder; write compare.{md,csv,png}."""
+    from sim.engine import run_experiment
+
+    out = resolve_out_dir(cfg.out_dir, f"compare-{cfg.strategy}")
+    prepare_out_dir(out, cfg.overwrite)
+    names = [cfg.strategy, *(r for r in REFERENCES if r != cfg.strategy)]
+    runs = {}
+    for name in names:
+        runs[name] = run_experiment(
+            cfg.replace(strategy=name, out_dir=str(out / name), overwrite=True), verbose=verbose
+        )
+    summaries = {n: json.loads((d / "summary.json").read_text()) for n, d in runs.items()}
+    reference = {n: summaries[n]["accuracy_mean"] for n in REFERENCES if n in summaries}
+    for name, run_dir in runs.items():
+        summaries[name]["reference"] = {k: v for k, v in reference.items() if k != name}
+        write_json(run_dir / "summary.json", summaries[name])
+        plot_run(run_dir)
+    write_table(out, summaries)
+    plot_compare(out, runs)
+    return out
+
+
+def write_table(out: Path, summaries: dict[str, dict]) -> None:
+    """compare.md and compare.csv: final mean / worst node accuracy, MB per node, time."""
+    header = ["strategy", "mean acc (%)", "worst node acc (%)", "MB sent per node", "wall (s)"]
+    rows = [
+        [name, f"{100 * s['accuracy_mean']:.2f}", f"{100 * s['accuracy_min']:.2f}",
+         f"{s['mean_bytes_sent_per_node'] / 1e6:.2f}", f"{s['wall_s']:.0f}"]
+        for name, s in summaries.items()
+    ]  # fmt: skip
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    atomic_write_text(out / "compare.md", md)
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    atomic_write_text(out / "compare.csv", buf.getvalue())
+
+
+def plot_compare(out: Path, runs: dict[str, Path]) -> Path:
+    """compare.png: mean accuracy per round of every strategy, min-max band for multi-node runs."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"centralized": "black", "local": "tab:red"}
+    for name, run_dir in runs.items():
+        rounds, acc, nodes = accuracy_table(read_jsonl(run_dir / "metrics.jsonl"))
+        keep = ~np.isnan(acc).all(axis=1)
+        rounds, acc = rounds[keep], 100 * acc[keep]
+        color = colors.get(name, "tab:blue")
+        ax.plot(rounds, acc.mean(axis=1), color=color, lw=2, label=f"{name} (mean)")
+        if acc.shape[1] > 1:
+            ax.fill_between(rounds, acc.min(axis=1), acc.max(axis=1), color=color, alpha=0.12)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, title="band: min-max over nodes", title_fontsize=7)
+    fig.tight_layout()
+    path = out / "compare.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

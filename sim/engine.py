@@ -1,0 +1,90 @@
+"""Run one experiment through Flower's simulation engine, in this process.
+
+Flower's public ``run_simulation`` is deprecated and cannot pass a run config, and ``flwr run``
+needs a SuperLink process. So this calls the simulation runtime that ``flwr run`` itself uses
+(``_run_simulation``, pinned by ``flwr<1.43`` in pyproject.toml), with a throw-away app folder whose
+``pyproject.toml`` carries the fully resolved run config: every ClientApp and the ServerApp see
+exactly the keys ``flwr run . --run-config ...`` would give them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import tomli_w
+import torch
+
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.node import CENTRALIZED_NODE
+from flower_p2p.results import prepare_out_dir, resolve_out_dir
+from flower_p2p.server_app import preflight
+
+
+def num_supernodes(cfg: ExperimentConfig) -> int:
+    """SuperNodes needed: one per graph node; the centralized reference uses one."""
+    return CENTRALIZED_NODE + 1 if cfg.strategy == "centralized" else cfg.num_nodes
+
+
+def backend_config(cfg: ExperimentConfig) -> dict:
+    """One CPU per node (torch threads follow: Ray sets OMP_NUM_THREADS); a GPU share if any."""
+    gpus = 1.0 / min(num_supernodes(cfg), 4) if torch.cuda.is_available() else 0.0
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
+                      "log_to_driver": True},
+    }  # fmt: skip
+
+
+def _write_app(app_dir: Path, cfg: ExperimentConfig) -> None:
+    project = {
+        "project": {"name": "flower-p2p-sim", "version": "0.1.0", "dependencies": []},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "flower-p2p",
+                    "components": {
+                        "serverapp": "flower_p2p.server_app:app",
+                        "clientapp": "flower_p2p.client_app:app",
+                    },
+                    "config": cfg.to_run_config(),
+                }
+            }
+        },
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
+
+
+def run_experiment(cfg: ExperimentConfig, verbose: bool = False) -> Path:
+    """Validate, then run ``cfg`` in Flower's simulation engine; returns the results folder."""
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import EventType, _run_simulation
+
+    out = resolve_out_dir(cfg.out_dir, cfg.strategy)
+    cfg = cfg.replace(out_dir=str(out))
+    preflight(cfg)  # fail fast, before Ray starts
+    prepare_out_dir(out, cfg.overwrite)
+    with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
+        _write_app(Path(app_dir), cfg)
+        _run_simulation(
+            num_supernodes=num_supernodes(cfg),
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app_attr="flower_p2p.server_app:app",
+            client_app_attr="flower_p2p.client_app:app",
+            backend_name="ray",
+            backend_config=backend_config(cfg),
+            app_dir=app_dir,
+            is_app=True,
+            verbose_logging=verbose,
+            server_app_context=Context(
+                run_id=0,
+                node_id=0,
+                node_config={},
+                state=RecordDict(),
+                run_config=cfg.to_run_config(),
+            ),
+        )
+    if not (out / "summary.json").exists():
+        raise RuntimeError(f"the simulation ended without writing {out / 'summary.json'}")
+    return out

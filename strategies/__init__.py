@@ -1,0 +1,52 @@
+"""Gossip algorithms: pure, transport-free definitions, one registry name each."""
+
+from __future__ import annotations
+
+from flower_p2p.registry import Registry
+from strategies.base import GossipAlgorithm, Params, State, weighted_sum
+from strategies.choco import Choco
+from strategies.compression import COMPRESSORS, Compressor, create_compressor
+from strategies.dsgd import DSGD
+from strategies.gradient_tracking import GradientTracking
+from strategies.local import LocalOnly
+from strategies.push_sum import PushSum
+
+STRATEGIES: Registry = Registry("strategy")
+STRATEGIES.register("dsgd")(DSGD)
+STRATEGIES.register("local")(LocalOnly)
+STRATEGIES.register("choco")(Choco)
+STRATEGIES.register("gradient-tracking")(GradientTracking)
+STRATEGIES.register("push-sum")(PushSum)
+
+# References that are not gossip: run by the harness itself, same data and optimizer steps.
+REFERENCES = ("centralized",)
+
+
+def strategy_names() -> list[str]:
+    """Every value the ``strategy`` key accepts."""
+    return [*STRATEGIES.names(), *REFERENCES]
+
+
+def create_strategy(name: str) -> GossipAlgorithm:
+    """Instantiate the gossip algorithm registered as ``name``."""
+    return STRATEGIES.get(name)()
+
+
+__all__ = [
+    "COMPRESSORS",
+    "Choco",
+    "Compressor",
+    "DSGD",
+    "GossipAlgorithm",
+    "GradientTracking",
+    "LocalOnly",
+    "PushSum",
+    "create_compressor",
+    "Params",
+    "State",
+    "STRATEGIES",
+    "REFERENCES",
+    "create_strategy",
+    "strategy_names",
+    "weighted_sum",
+]

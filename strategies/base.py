@@ -1,0 +1,64 @@
+"""What a gossip algorithm is: pure functions over a node's own arrays and its inbox.
+
+No Flower and no torch here: parameters are ``dict[str, np.ndarray]`` so that every algorithm can
+be tested on a least-squares problem with a known optimum, and run unchanged by any transport.
+
+One round at node i (decentralized SGD with local steps, "combine, then adapt"):
+
+1. ``combine``: merge own parameters with the messages neighbours sent last round,
+   using node i's row of the mixing matrix;
+2. the harness trains ``local-epochs`` on the node's own data;
+3. ``message``: what node i sends to its neighbours this round.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+State = dict[str, np.ndarray]
+
+
+class GossipAlgorithm(ABC):
+    """A decentralized algorithm as seen by one node; instances hold no per-node state."""
+
+    name: str = ""
+    communicates: bool = True
+
+    def init_state(self, params: Params) -> State:
+        """Extra per-node state the algorithm keeps between rounds (none by default)."""
+        return {}
+
+    @abstractmethod
+    def combine(
+        self,
+        params: Params,
+        state: State,
+        inbox: Mapping[int, Params],
+        weights: Mapping[int, float],
+        node: int,
+    ) -> Params:
+        """New parameters of ``node`` from its own, its state and its neighbours' messages.
+
+        ``weights`` is the node's row of the mixing matrix over its closed neighbourhood
+        (``weights[node]`` is its self-weight). ``inbox`` holds the messages that arrived; a
+        neighbour missing from it sent nothing (first round, dropped node or lost link).
+        ``state`` may be updated in place.
+        """
+
+    @abstractmethod
+    def message(self, params: Params, state: State) -> Params:
+        """What the node sends to every neighbour after local training."""
+
+
+def weighted_sum(terms: list[tuple[float, Params]]) -> Params:
+    """Sum_k w_k * x_k over dicts of equally shaped arrays (keys from the first term)."""
+    first = terms[0][1]
+    out = {k: np.zeros_like(v, dtype=np.float64) for k, v in first.items()}
+    for w, params in terms:
+        for k in out:
+            out[k] += w * params[k]
+    return {k: v.astype(first[k].dtype, copy=False) for k, v in out.items()}
