@@ -195,12 +195,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
             rec.network.append({"round": rnd, "consensus_distance": cd})
         rec.flush()
         accs = rec.round_accuracies(rnd - 1)
-        shown = f"{100 * np.mean(accs):.1f}%" if accs else "n/a"
-        log(
-            INFO,
-            "round %d/%d  mean accuracy after round %d: %s  elapsed %.1fs",
-            rnd, cfg.num_rounds, rnd - 1, shown, time.perf_counter() - start,
-        )  # fmt: skip
+        if accs:  # evaluation happens every eval-every rounds, on the combined models
+            log(
+                INFO,
+                "round %d/%d  mean node accuracy after round %d: %.1f%% (worst %.1f%%)  "
+                "elapsed %.1fs",
+                rnd, cfg.num_rounds, rnd - 1, 100 * np.mean(accs), 100 * np.min(accs),
+                time.perf_counter() - start,
+            )  # fmt: skip
     relay(cfg.num_rounds + 1, True, MessageType.EVALUATE)
     rec.flush()
     summary = summarize(cfg, rec, topo, sent, time.perf_counter() - start)
