@@ -25,6 +25,9 @@ class ExperimentConfig:
     num_nodes: int = 8
     num_rounds: int = 90
     strategy: str = "dsgd"
+    gamma: float = 0.1
+    compressor: str = "top-k"
+    compress_fraction: float = 0.1
     topology: str = "ring"
     mixing: str = "metropolis-hastings"
     edge_prob: float = 0.3
@@ -98,6 +101,9 @@ class ExperimentConfig:
         _positive("num-rounds", self.num_rounds)
         if self.strategy not in strategy_names():
             raise ConfigError("strategy", self.strategy, f"one of {', '.join(strategy_names())}")
+        from flower_p2p.node import algorithm_for
+
+        algorithm_for(self)  # strategy hyperparameters (gamma, compressor, ...) checked here
         if self.strategy not in ("centralized", "local") and self.num_nodes < 2:
             raise ConfigError("num-nodes", self.num_nodes, f"at least 2 for {self.strategy}")
         if self.topology not in GRAPHS and not _looks_like_path(self.topology):

@@ -139,7 +139,13 @@ def run_round(
 
 
 def algorithm_for(cfg: ExperimentConfig) -> GossipAlgorithm:
-    """The gossip algorithm a node runs; the centralized reference trains like a lone node."""
-    from strategies import create_strategy
+    """The gossip algorithm a node runs, with its run-config hyperparameters.
 
+    The centralized reference trains like a lone node that never communicates.
+    """
+    from strategies import Choco, create_strategy
+
+    if cfg.strategy == "choco":
+        return Choco(gamma=cfg.gamma, compressor=cfg.compressor,
+                     compress_fraction=cfg.compress_fraction, seed=cfg.seed)  # fmt: skip
     return create_strategy("local" if cfg.strategy == "centralized" else cfg.strategy)

@@ -151,7 +151,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     node_ids = discover_nodes(grid, nodes)
     pid_of = {nid: pid for pid, nid in node_ids.items()}
-    communicates = algorithm_for(cfg).communicates
+    algo = algorithm_for(cfg)
+    communicates = algo.communicates
     neighbours = {p: (topo.neighbours[p] if topo and communicates else ()) for p in nodes}
     rec = Recorder(out, nodes)
     sent = dict.fromkeys(nodes, 0)
@@ -190,7 +191,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     for rnd in range(1, cfg.num_rounds + 1):
         evaluate = (rnd - 1) % cfg.eval_every == 0
         relay(rnd, evaluate, MessageType.TRAIN)
-        if len(last_out) == len(nodes):
+        if algo.message_is_model and len(last_out) == len(nodes):
             cd = consensus_distance([from_record(last_out[p]) for p in nodes])
             rec.network.append({"round": rnd, "consensus_distance": cd})
         rec.flush()

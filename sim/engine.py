@@ -27,6 +27,11 @@ def num_supernodes(cfg: ExperimentConfig) -> int:
     return CENTRALIZED_NODE + 1 if cfg.strategy == "centralized" else cfg.num_nodes
 
 
+# Opt in to Ray's coming behaviour (leave CUDA_VISIBLE_DEVICES alone for CPU-only actors);
+# without it every run prints a FutureWarning about this very setting.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
 def backend_config(cfg: ExperimentConfig) -> dict:
     """One CPU per node (torch threads follow: Ray sets OMP_NUM_THREADS); a GPU share if any."""
     gpus = 1.0 / min(num_supernodes(cfg), 4) if torch.cuda.is_available() else 0.0

@@ -73,8 +73,8 @@ def plot_topology(run_dir: Path) -> Path | None:
     cfg = ExperimentConfig.from_run_config(
         json.loads((run_dir / "config.json").read_text())["config"]
     )
-    if cfg.num_nodes < 2:
-        return None
+    if cfg.num_nodes < 2 or cfg.strategy == "centralized":
+        return None  # one model, no graph
     topo = topology_for(cfg)
     rounds, acc, nodes = accuracy_table(read_jsonl(run_dir / "metrics.jsonl"))
     final = acc[~np.isnan(acc).all(axis=1)][-1] if len(nodes) == cfg.num_nodes else None

@@ -27,6 +27,8 @@ class GossipAlgorithm(ABC):
 
     name: str = ""
     communicates: bool = True
+    # True when the message is the node's model itself (lets the relay monitor consensus).
+    message_is_model: bool = False
 
     def init_state(self, params: Params) -> State:
         """Extra per-node state the algorithm keeps between rounds (none by default)."""

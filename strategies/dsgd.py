@@ -16,6 +16,7 @@ class DSGD(GossipAlgorithm):
     """
 
     name = "dsgd"
+    message_is_model = True
 
     def combine(
         self,

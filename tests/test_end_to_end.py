@@ -8,7 +8,9 @@ from flower_p2p.config import ExperimentConfig
 from flower_p2p.results import read_jsonl
 from sim.engine import run_experiment
 
-TINY = dict(num_nodes=4, num_rounds=2, depth=2, local_epochs=3, lr=3e-3, alpha=1.0)
+TINY = dict(
+    num_nodes=4, num_rounds=2, depth=2, local_steps=0, local_epochs=3, alpha=1.0, eval_every=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def test_metrics_file_has_every_round_and_node(gossip_run):
 
 def test_accuracy_rises_above_chance(gossip_run):
     final = [m["accuracy"] for m in read_jsonl(gossip_run / "metrics.jsonl") if m["round"] == 2]
-    assert min(final) > 0.3  # 10 classes: chance is 0.1
+    # 10 classes: chance is 0.1 (measured here: mean 0.37, worst node 0.33)
+    assert min(final) > 0.2 and sum(final) / len(final) > 0.25
 
 
 def test_bytes_are_counted_from_real_payloads(gossip_run):
@@ -39,7 +42,7 @@ def test_bytes_are_counted_from_real_payloads(gossip_run):
     assert per_round[0] == 0 and per_round[2] == 2 * per_round[1] > 0
     summary = json.loads((gossip_run / "summary.json").read_text())
     assert summary["total_bytes_sent"] == sum(m["bytes_sent"] for m in metrics if m["round"] == 2)
-    assert per_round[1] / 2 > 4 * 1e6  # > 1M float32 parameters of a depth-2 ViT-tiny
+    assert per_round[1] / 2 > 3e6  # ~0.93M float32 parameters of a depth-2 ViT-tiny
 
 
 def test_results_folder_is_complete(gossip_run):
@@ -66,3 +69,39 @@ def test_centralized_reference_runs_on_one_node(tmp_path):
     metrics = read_jsonl(out / "metrics.jsonl")
     assert {m["node"] for m in metrics} == {0}
     assert metrics[-1]["accuracy"] > 0.3 and metrics[-1]["bytes_sent"] == 0
+
+
+STRATEGY_RUN = dict(num_nodes=3, num_rounds=2, depth=1, local_steps=2, eval_every=1)
+
+
+@pytest.fixture(scope="module")
+def dsgd_bytes(tmp_path_factory):
+    out = run_experiment(
+        ExperimentConfig(out_dir=str(tmp_path_factory.mktemp("dsgd")), **STRATEGY_RUN)
+    )
+    return json.loads((out / "summary.json").read_text())["total_bytes_sent"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra", "byte_ratio"),
+    [
+        (
+            "choco",
+            {"compressor": "top-k", "compress_fraction": 0.1},
+            (0.15, 0.25),
+        ),  # 10% of (idx+val)
+        ("choco", {"compressor": "8bit"}, (0.2, 0.3)),  # int8 values + one scale per tensor
+        ("gradient-tracking", {}, (1.9, 2.1)),  # sends x and the tracker y
+        ("push-sum", {}, (0.99, 1.05)),  # the model numerator plus one weight
+    ],
+)
+def test_every_strategy_runs_end_to_end_and_counts_its_real_payload(
+    tmp_path, dsgd_bytes, strategy, extra, byte_ratio
+):
+    cfg = ExperimentConfig(out_dir=str(tmp_path), strategy=strategy, **STRATEGY_RUN, **extra)
+    out = run_experiment(cfg)
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == 3 * 3 and all(m["accuracy"] is not None for m in metrics)
+    summary = json.loads((out / "summary.json").read_text())
+    low, high = byte_ratio
+    assert low < summary["total_bytes_sent"] / dsgd_bytes < high
