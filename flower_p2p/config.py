@@ -48,6 +48,9 @@ class ExperimentConfig:
     window_size: int = 4
     pretrained: str = "none"
     finetune: str = "full"
+    last_k: int = 1
+    lora_rank: int = 8
+    lora_alpha: int = 16
     local_epochs: int = 1
     local_steps: int = 2
     optimizer: str = "adamw"
@@ -140,6 +143,8 @@ class ExperimentConfig:
                     "none, hub, or an existing checkpoint file (.safetensors, .pth, .pt, .bin)",
                 )
         FINETUNE_MODES.get(self.finetune)
+        for key in ("last-k", "lora-rank", "lora-alpha"):
+            _positive(key, getattr(self, key.replace("-", "_")))
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -8,7 +8,7 @@ dataset's classes. Only parameters that the ``finetune`` mode makes trainable ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
 from pathlib import Path
 
 import numpy as np
@@ -134,23 +134,65 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 @FINETUNE_MODES.register("full")
-def _full(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
-    return [n for n, _ in model.named_parameters()]
+def _full(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 @FINETUNE_MODES.register("head")
-def _head(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
+def _head(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
     prefixes = tuple(p + "." for p in _classifier_prefixes(model))
-    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
-
-
-def apply_finetune(model: nn.Module, cfg: ExperimentConfig) -> list[str]:
-    """Freeze everything the ``finetune`` mode does not train; return the trainable names."""
-    select: Callable[[nn.Module, ExperimentConfig], list[str]] = FINETUNE_MODES.get(cfg.finetune)
-    names = set(select(model, cfg))
     for n, p in model.named_parameters():
-        p.requires_grad_(n in names)
-    return [n for n, _ in model.named_parameters() if n in names]
+        p.requires_grad_(n.startswith(prefixes))
+    return model
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    """Transformer blocks in forward order: ViT/DeiT ``blocks.i``, Swin ``layers.s.blocks.i``."""
+    return [n for n, _ in model.named_modules() if re.fullmatch(r"(.*\.)?blocks\.\d+", n)]
+
+
+@FINETUNE_MODES.register("last-k")
+def _last_k(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
+    blocks = _blocks(model)
+    if not 1 <= cfg.last_k <= len(blocks):
+        raise ConfigError("last-k", cfg.last_k, f"an integer in [1, {len(blocks)}] (blocks)")
+    # The last k blocks, everything after them (final norm, head): the trainable suffix.
+    first = blocks[-cfg.last_k] + "."
+    names = [n for n, _ in model.named_parameters()]
+    start = next(i for i, n in enumerate(names) if n.startswith(first))
+    trainable = set(names[start:])
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    return model
+
+
+# LoRA adapters go on the attention's fused qkv projection in all three families.
+LORA_TARGETS = {"vit_": ["qkv"], "deit_": ["qkv"], "swin_": ["qkv"]}
+
+
+@FINETUNE_MODES.register("lora")
+def _lora(model: nn.Module, cfg: ExperimentConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = next(t for prefix, t in LORA_TARGETS.items() if cfg.model.startswith(prefix))
+    heads = list(_classifier_prefixes(model))
+    torch.manual_seed(cfg.seed)  # adapter init is random: the same on every node
+    config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, modules_to_save=heads
+    )
+    return get_peft_model(model, config)
+
+
+def apply_finetune(model: nn.Module, cfg: ExperimentConfig) -> tuple[nn.Module, list[str]]:
+    """Freeze what the ``finetune`` mode does not train.
+
+    Returns the (for LoRA: wrapped) model and the names of its trainable parameters in model
+    order: exactly what travels between nodes.
+    """
+    model = FINETUNE_MODES.get(cfg.finetune)(model, cfg)
+    return model, [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def get_params(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:

@@ -39,8 +39,8 @@ class NodeRuntime:
         self.device = pick_device()
         bundle = load_data(cfg)
         self.num_classes = bundle.num_classes
-        self.model = create_model(cfg, bundle.num_classes).to(self.device)
-        self.trainable = apply_finetune(self.model, cfg)
+        model, self.trainable = apply_finetune(create_model(cfg, bundle.num_classes), cfg)
+        self.model = model.to(self.device)
         self.initial_params = get_params(self.model, self.trainable)
         transform = make_transform(cfg.img_size or 224, *data_config(self.model))
         train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]

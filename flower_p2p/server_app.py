@@ -46,8 +46,8 @@ def preflight(cfg: ExperimentConfig) -> Topology | None:
     """Everything that can be wrong with the config, checked before any node trains."""
     topo = topology_for(cfg) if cfg.num_nodes >= 2 else None
     bundle = load_data(cfg)  # node count vs samples, columns, partitioner feasibility
-    model = create_model(cfg, bundle.num_classes)  # model name, overrides, checkpoint shape
-    apply_finetune(model, cfg)
+    # model name, overrides, checkpoint shape, fine-tune mode (e.g. last-k within the depth)
+    apply_finetune(create_model(cfg, bundle.num_classes), cfg)
     return topo
 
 

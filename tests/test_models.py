@@ -17,8 +17,7 @@ SMALL = {
 @pytest.mark.parametrize("name", SMALL)
 def test_small_vit_deit_swin_build_and_train_a_step(name):
     cfg = ExperimentConfig(model=name, **SMALL[name])
-    model = create_model(cfg, num_classes=10)
-    apply_finetune(model, cfg)
+    model, _ = apply_finetune(create_model(cfg, num_classes=10), cfg)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     assert model(x).shape == (8, 10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -36,8 +35,8 @@ def test_trainable_set_per_finetune_mode(name):
     cfg = ExperimentConfig(model=name, **SMALL[name])
     model = create_model(cfg, 10)
     all_names = [n for n, _ in model.named_parameters()]
-    assert apply_finetune(model, cfg) == all_names
-    head = apply_finetune(model, cfg.replace(finetune="head"))
+    assert apply_finetune(model, cfg)[1] == all_names
+    model, head = apply_finetune(model, cfg.replace(finetune="head"))
     assert head and all(n.startswith("head.") for n in head)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(head)
     assert sum(p.numel() for n, p in model.named_parameters() if n in head) == 10 * (
@@ -88,8 +87,48 @@ def test_checkpoint_of_the_wrong_shape_is_refused(checkpoint, tmp_path):
 def test_params_roundtrip_only_trainable():
     cfg = ExperimentConfig(depth=1, finetune="head")
     model = create_model(cfg, 10)
-    names = apply_finetune(model, cfg)
+    model, names = apply_finetune(model, cfg)
     params = get_params(model, names)
     assert set(params) == {"head.weight", "head.bias"}
     set_params(model, {k: v + 1 for k, v in params.items()})
     assert torch.allclose(model.head.bias, torch.from_numpy(params["head.bias"]) + 1)
+
+
+@pytest.mark.parametrize(("name", "k", "first"), [
+    ("vit_tiny_patch16_224", 1, "blocks.1."),
+    ("vit_tiny_patch16_224", 2, "blocks.0."),
+    ("swin_tiny_patch4_window7_224", 1, "layers.1.blocks.1."),
+])  # fmt: skip
+def test_last_k_trains_the_last_blocks_norm_and_head(name, k, first):
+    cfg = ExperimentConfig(model=name, finetune="last-k", last_k=k, **SMALL[name])
+    model, names = apply_finetune(create_model(cfg, 10), cfg)
+    all_names = [n for n, _ in model.named_parameters()]
+    start = all_names.index(next(n for n in all_names if n.startswith(first)))
+    assert names == all_names[start:]
+    assert any(n.startswith("norm.") for n in names) and names[-1].startswith("head.")
+
+
+def test_last_k_beyond_the_depth_is_refused():
+    cfg = ExperimentConfig(depth=2, finetune="last-k", last_k=3)
+    with pytest.raises(ConfigError, match=r"last-k=3 .*\[1, 2\]"):
+        apply_finetune(create_model(cfg, 10), cfg)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_lora_trains_only_adapters_and_head_and_keeps_the_backbone(name):
+    cfg = ExperimentConfig(model=name, finetune="lora", **SMALL[name])
+    base = create_model(cfg, 10)
+    frozen_before = {n: p.detach().clone() for n, p in base.named_parameters()
+                     if not n.startswith("head")}  # fmt: skip
+    model, names = apply_finetune(base, cfg)
+    assert names and all(("lora_" in n) or ("modules_to_save" in n) for n in names)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt = make_optimizer(model, "adamw", 1e-2, 0.0)
+    train_epochs(model, x, y, opt, 2, 4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    after = dict(base.named_parameters())  # peft wraps the base model in place
+    for n, before in frozen_before.items():
+        key = n.replace("qkv.", "qkv.base_layer.") if "qkv." in n else n
+        assert torch.equal(after[key], before), n
+    full = sum(p.numel() for p in create_model(cfg, 10).parameters())
+    sent = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    assert sent < 0.05 * full if name.startswith("vit") else sent < 0.1 * full
