@@ -93,6 +93,7 @@ def dsgd_bytes(tmp_path_factory):
         ("choco", {"compressor": "8bit"}, (0.2, 0.3)),  # int8 values + one scale per tensor
         ("gradient-tracking", {}, (1.9, 2.1)),  # sends x and the tracker y
         ("push-sum", {}, (0.99, 1.05)),  # the model numerator plus one weight
+        ("dsgd", {"finetune": "lora"}, (0.005, 0.05)),  # only adapters and head travel
     ],
 )
 def test_every_strategy_runs_end_to_end_and_counts_its_real_payload(
