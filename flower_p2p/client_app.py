@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.node import RoundResult, algorithm_for, node_runtime, run_round
-from flower_p2p.topology import topology_for
+from flower_p2p.node import RoundResult, algorithm_for, mixing_inputs, node_runtime, run_round
 from flower_p2p.wire import from_record, payload_bytes, to_record, unpack_inbox
 
 app = ClientApp()
@@ -36,7 +35,9 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
     cfg = ExperimentConfig.from_run_config(dict(context.run_config))
     node = _partition_id(context)
     rt = node_runtime(cfg, node)
-    weights = {node: 1.0} if cfg.strategy == "centralized" else topology_for(cfg).row(node)
+    algo = algorithm_for(cfg)
+    rnd = int(msg.content.config_records["config"]["round"])
+    weights, combine_kwargs = mixing_inputs(cfg, algo, node, rnd)
     state = context.state
     params = from_record(state.array_records[STATE_PARAMS]) if STATE_PARAMS in state else None
     algo_state = from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state else None
@@ -44,15 +45,16 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
     config = msg.content.config_records["config"]
     result = run_round(
         rt,
-        algorithm_for(cfg),
+        algo,
         params,
         algo_state,
         blob,
         unpack_inbox(msg.content),
         weights,
-        rnd=int(config["round"]),
+        rnd=rnd,
         do_eval=bool(config["evaluate"]),
         train=train,
+        combine_kwargs=combine_kwargs,
     )
     state[STATE_PARAMS] = to_record(result.params)
     state[STATE_ALGO] = to_record(result.state)
@@ -84,4 +86,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _step(msg, context, train=False)
 
 
-__all__ = ["app", "ArrayRecord"]
+__all__ = ["app"]

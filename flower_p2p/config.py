@@ -97,6 +97,7 @@ class ExperimentConfig:
         # Local imports: the registries live next to the code they describe.
         from flower_p2p.data import PARTITIONERS, check_dataset_spec
         from flower_p2p.models import FINETUNE_MODES, check_model_name
+        from flower_p2p.schedules import SCHEDULES, check_schedule, is_schedule
         from flower_p2p.topology import GRAPHS, MIXINGS
         from strategies import strategy_names
 
@@ -109,13 +110,20 @@ class ExperimentConfig:
         algorithm_for(self)  # strategy hyperparameters (gamma, compressor, ...) checked here
         if self.strategy not in ("centralized", "local") and self.num_nodes < 2:
             raise ConfigError("num-nodes", self.num_nodes, f"at least 2 for {self.strategy}")
-        if self.topology not in GRAPHS and not _looks_like_path(self.topology):
+        if (
+            self.topology not in GRAPHS
+            and not is_schedule(self.topology)
+            and not _looks_like_path(self.topology)
+        ):
+            known = ", ".join([*GRAPHS, *SCHEDULES])
             raise ConfigError(
-                "topology", self.topology, f"one of {', '.join(GRAPHS)} or an edge-list file path"
+                "topology", self.topology, f"one of {known} or an edge-list file path"
             )
         if _looks_like_path(self.topology) and not Path(self.topology).expanduser().is_file():
             raise ConfigError("topology", self.topology, "an existing edge-list file")
         MIXINGS.get(self.mixing)
+        if self.strategy not in ("centralized", "local"):
+            check_schedule(self)
         PARTITIONERS.get(self.partitioner)
         if not self.alpha > 0:
             raise ConfigError("alpha", self.alpha, "a Dirichlet concentration > 0")

@@ -17,6 +17,7 @@ import torch
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import load_data, make_transform, to_tensors
 from flower_p2p.models import apply_finetune, create_model, data_config, get_params, set_params
+from flower_p2p.schedules import topology_at
 from flower_p2p.training import (
     evaluate,
     lr_at_round,
@@ -83,6 +84,23 @@ class RoundResult:
     eval_s: float = 0.0
 
 
+def mixing_inputs(
+    cfg: ExperimentConfig, algo: GossipAlgorithm, node: int, rnd: int
+) -> tuple[dict[int, float], dict]:
+    """Node's weights for round ``rnd``'s combine, and extra combine arguments.
+
+    The inbox of round ``rnd`` holds what was sent in round ``rnd - 1``, over that round's graph,
+    so its weights come from that graph; push-sum also needs how many nodes it sends to now.
+    """
+    if cfg.strategy == "centralized":
+        return {node: 1.0}, {}
+    weights = topology_at(cfg, rnd - 1).row(node)
+    extra = {}
+    if algo.needs_out_degree:
+        extra["out_degree"] = len(topology_at(cfg, rnd).out_neighbours[node])
+    return weights, extra
+
+
 def round_generator(seed: int, node: int, rnd: int) -> torch.Generator:
     """Shuffling RNG that depends only on (seed, node, round): any process, same batches."""
     return torch.Generator().manual_seed(
@@ -101,6 +119,7 @@ def run_round(
     rnd: int,
     do_eval: bool,
     train: bool = True,
+    combine_kwargs: dict | None = None,
 ) -> RoundResult:
     """Combine -> (evaluate) -> train -> message, for round ``rnd`` (1-based) at ``rt.node``.
 
@@ -111,7 +130,7 @@ def run_round(
         params = rt.initial_params
     if state is None:
         state = algo.init_state(params)
-    params = algo.combine(params, state, inbox, weights, rt.node)
+    params = algo.combine(params, state, inbox, weights, rt.node, **(combine_kwargs or {}))
     set_params(rt.model, params)
     result = RoundResult(params=params, message={}, state=state, optimizer=optimizer_blob or b"",
                          train_loss=float("nan"))  # fmt: skip

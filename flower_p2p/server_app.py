@@ -26,7 +26,8 @@ from flower_p2p.results import (
     write_json,
     write_jsonl,
 )
-from flower_p2p.topology import Topology, topology_for
+from flower_p2p.schedules import period_spectral_gap, topology_at
+from flower_p2p.topology import Topology
 from flower_p2p.wire import from_record, pack_inbox
 
 app = ServerApp()
@@ -44,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def preflight(cfg: ExperimentConfig) -> Topology | None:
     """Everything that can be wrong with the config, checked before any node trains."""
-    topo = topology_for(cfg) if cfg.num_nodes >= 2 else None
+    topo = topology_at(cfg, 1) if cfg.num_nodes >= 2 else None
     bundle = load_data(cfg)  # node count vs samples, columns, partitioner feasibility
     # model name, overrides, checkpoint shape, fine-tune mode (e.g. last-k within the depth)
     apply_finetune(create_model(cfg, bundle.num_classes), cfg)
@@ -141,7 +142,7 @@ def _train_message(
 def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     """Run every round through ``grid`` and write the results folder; returns its path."""
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
-    topo = preflight(cfg)
+    preflight(cfg)
     prepare_out_dir(out, cfg.overwrite)
     write_json(
         out / "config.json",
@@ -152,8 +153,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     node_ids = discover_nodes(grid, nodes)
     pid_of = {nid: pid for pid, nid in node_ids.items()}
     algo = algorithm_for(cfg)
-    communicates = algo.communicates
-    neighbours = {p: (topo.neighbours[p] if topo and communicates else ()) for p in nodes}
+    relays = algo.communicates and cfg.strategy != "centralized"
+
+    def senders_to(p: int, rnd: int) -> tuple[int, ...]:
+        """Who node p hears from among the messages sent in round ``rnd``."""
+        return topology_at(cfg, rnd).in_neighbours[p] if relays and rnd >= 1 else ()
+
+    def fan_out(p: int, rnd: int) -> int:
+        """How many nodes node p's round-``rnd`` message is unicast to."""
+        return len(topology_at(cfg, rnd).out_neighbours[p]) if relays else 0
+
     rec = Recorder(out, nodes)
     sent = dict.fromkeys(nodes, 0)
     last_out: dict[int, ArrayRecord] = {}
@@ -164,7 +173,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
             _train_message(
                 rnd,
                 evaluate,
-                neighbour_inbox(p, neighbours[p], last_out),
+                neighbour_inbox(p, senders_to(p, rnd - 1), last_out),
                 node_ids[p],
                 kind,
             )
@@ -182,7 +191,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
                 if len(payload):
                     last_out[pid] = payload
                 # A P2P node unicasts its message to each neighbour: that is what it sends.
-                sent[pid] += int(m["payload_bytes"]) * len(neighbours[pid])
+                sent[pid] += int(m["payload_bytes"]) * fan_out(pid, rnd)
                 rec.update(rnd, pid, train_loss=m["train_loss"], bytes_sent=sent[pid],
                            wall_s=time.perf_counter() - start)  # fmt: skip
 
@@ -206,7 +215,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
             )  # fmt: skip
     relay(cfg.num_rounds + 1, True, MessageType.EVALUATE)
     rec.flush()
-    summary = summarize(cfg, rec, topo, sent, time.perf_counter() - start)
+    summary = summarize(cfg, rec, sent, time.perf_counter() - start)
     write_json(out / "summary.json", summary)
     log(
         INFO,
@@ -222,7 +231,6 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
 def summarize(
     cfg: ExperimentConfig,
     rec: Recorder,
-    topo: Topology | None,
     sent: dict[int, int],
     wall_s: float,
 ) -> dict:
@@ -235,7 +243,12 @@ def summarize(
         "accuracy_mean": float(np.mean(accs)),
         "accuracy_min": float(np.min(accs)),
         "accuracy_max": float(np.max(accs)),
-        "spectral_gap": topo.spectral_gap if topo and cfg.strategy != "centralized" else None,
+        # time-varying schedules: the gap of one period's product (None for random matchings)
+        "spectral_gap": (
+            period_spectral_gap(cfg)
+            if cfg.num_nodes >= 2 and cfg.strategy != "centralized"
+            else None
+        ),
         "total_bytes_sent": int(sum(sent.values())),
         "mean_bytes_sent_per_node": float(np.mean(list(sent.values()))),
         "wall_s": wall_s,

@@ -1,8 +1,9 @@
 """Communication graphs (networkx) and gossip mixing matrices.
 
-Every graph is undirected, on nodes ``0..n-1`` (the nodes' ``partition-id``), and connected.
-Mixing matrices are symmetric and doubly stochastic, so plain gossip converges to the exact
-average; the spectral gap ``1 - |lambda_2(W)|`` sets how fast.
+The static graphs here are undirected, on nodes ``0..n-1`` (the nodes' ``partition-id``), and
+connected. Their mixing matrices are symmetric and doubly stochastic, so plain gossip converges
+to the exact average; the spectral gap ``1 - |lambda_2(W)|`` sets how fast. Directed graphs and
+graphs that change every round live in ``schedules.py``.
 """
 
 from __future__ import annotations
@@ -232,24 +233,41 @@ def check_mixing(w: np.ndarray, g: nx.Graph, mixing: str = "mixing", atol: float
 
 
 def spectral_gap(w: np.ndarray) -> float:
-    """1 - |lambda_2(W)|: the second-largest eigenvalue magnitude of a symmetric W."""
-    mags = np.sort(np.abs(np.linalg.eigvalsh(w)))[::-1]
+    """1 - |lambda_2(W)|: one minus the second-largest eigenvalue magnitude of W."""
+    eig = np.linalg.eigvalsh(w) if np.allclose(w, w.T) else np.linalg.eigvals(w)
+    mags = np.sort(np.abs(eig))[::-1]
     return float(1.0 - mags[1])
 
 
 @dataclass(frozen=True)
 class Topology:
-    """A connected graph with its validated mixing matrix."""
+    """Who talks to whom in a round, and how much: a graph with its validated mixing matrix.
+
+    ``weights[i, j]`` is the weight receiver i gives sender j. Graphs are undirected (networkx
+    ``Graph``) or directed (``DiGraph``, edge j -> i: j sends to i).
+    """
 
     graph: nx.Graph
     weights: np.ndarray
     name: str
     mixing: str
-    neighbours: tuple[tuple[int, ...], ...] = field(init=False)
+    in_neighbours: tuple[tuple[int, ...], ...] = field(init=False)
+    out_neighbours: tuple[tuple[int, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        nbrs = tuple(tuple(sorted(self.graph.neighbors(i))) for i in range(self.num_nodes))
-        object.__setattr__(self, "neighbours", nbrs)
+        g, n = self.graph, self.graph.number_of_nodes()
+        if g.is_directed():
+            ins = tuple(tuple(sorted(g.predecessors(i))) for i in range(n))
+            outs = tuple(tuple(sorted(g.successors(i))) for i in range(n))
+        else:
+            ins = outs = tuple(tuple(sorted(g.neighbors(i))) for i in range(n))
+        object.__setattr__(self, "in_neighbours", ins)
+        object.__setattr__(self, "out_neighbours", outs)
+
+    @property
+    def neighbours(self) -> tuple[tuple[int, ...], ...]:
+        """Neighbours of each node on an undirected graph (out-neighbours on a directed one)."""
+        return self.out_neighbours
 
     @property
     def num_nodes(self) -> int:
@@ -257,8 +275,8 @@ class Topology:
         return self.graph.number_of_nodes()
 
     def row(self, i: int) -> dict[int, float]:
-        """Node i's mixing weights over its closed neighbourhood (itself included)."""
-        return {j: float(self.weights[i, j]) for j in (i, *self.neighbours[i])}
+        """Receiver i's mixing weights over itself and the nodes it hears from."""
+        return {j: float(self.weights[i, j]) for j in (i, *self.in_neighbours[i])}
 
     @property
     def spectral_gap(self) -> float:
@@ -278,7 +296,7 @@ def build_topology(
 
 
 def topology_for(cfg) -> Topology:  # cfg: ExperimentConfig (not imported: config imports us)
-    """The run's topology, built once per process from the run config."""
+    """The run's static topology, built once per process from the run config."""
     return _topology_cached(
         cfg.topology,
         cfg.mixing,

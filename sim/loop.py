@@ -11,17 +11,15 @@ import time
 import numpy as np
 
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.node import CENTRALIZED_NODE, algorithm_for, node_runtime, run_round
-from flower_p2p.topology import topology_for
+from flower_p2p.node import CENTRALIZED_NODE, algorithm_for, mixing_inputs, node_runtime, run_round
+from flower_p2p.schedules import topology_at
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
     """Run ``cfg`` in-process; returns per-round node accuracies and wall time."""
     algo = algorithm_for(cfg)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
-    topo = topology_for(cfg) if cfg.strategy != "centralized" else None
-    rows = {p: (topo.row(p) if topo else {p: 1.0}) for p in nodes}
-    nbrs = {p: (topo.neighbours[p] if topo and algo.communicates else ()) for p in nodes}
+    relays = algo.communicates and cfg.strategy != "centralized"
     state = {p: (None, None, None) for p in nodes}
     outbox: dict[int, dict] = {}
     acc: dict[int, list[float]] = {}
@@ -32,9 +30,13 @@ def run_plain(cfg: ExperimentConfig) -> dict:
         new_out = {}
         for p in nodes:
             params, algo_state, blob = state[p]
-            inbox = {j: outbox[j] for j in nbrs[p] if j in outbox}
-            res = run_round(node_runtime(cfg, p), algo, params, algo_state, blob, inbox,
-                            rows[p], rnd, evaluate, train=not final)  # fmt: skip
+            senders = topology_at(cfg, rnd - 1).in_neighbours[p] if relays and rnd > 1 else ()
+            inbox = {j: outbox[j] for j in senders if j in outbox}
+            weights, extra = mixing_inputs(cfg, algo, p, rnd)
+            res = run_round(
+                node_runtime(cfg, p), algo, params, algo_state, blob, inbox, weights, rnd,
+                evaluate, train=not final, combine_kwargs=extra,
+            )  # fmt: skip
             state[p] = (res.params, res.state, res.optimizer)
             if res.message:
                 new_out[p] = res.message

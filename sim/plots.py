@@ -65,30 +65,37 @@ def plot_convergence(run_dir: Path, reference: dict[str, float] | None = None) -
     return path
 
 
+SCHEDULES_DRAWN_ON_A_CIRCLE = ("directed-exponential", "one-peer-exponential", "random-matching")
+
+
 def plot_topology(run_dir: Path) -> Path | None:
     """topology.png: the communication graph, nodes coloured by final accuracy."""
     from flower_p2p.config import ExperimentConfig
-    from flower_p2p.topology import topology_for
+    from flower_p2p.schedules import is_schedule, period_spectral_gap, topology_at
 
     cfg = ExperimentConfig.from_run_config(
         json.loads((run_dir / "config.json").read_text())["config"]
     )
     if cfg.num_nodes < 2 or cfg.strategy == "centralized":
         return None  # one model, no graph
-    topo = topology_for(cfg)
+    topo = topology_at(cfg, 1)
     rounds, acc, nodes = accuracy_table(read_jsonl(run_dir / "metrics.jsonl"))
     final = acc[~np.isnan(acc).all(axis=1)][-1] if len(nodes) == cfg.num_nodes else None
     fig, ax = plt.subplots(figsize=(5, 5))
-    pos = nx.circular_layout(topo.graph) if cfg.topology in ("ring", "exponential") else (
+    circular = ("ring", "exponential", *SCHEDULES_DRAWN_ON_A_CIRCLE)
+    pos = nx.circular_layout(topo.graph) if cfg.topology in circular else (
         nx.spring_layout(topo.graph, seed=cfg.seed))  # fmt: skip
     colors = 100 * final if final is not None else "tab:blue"
     drawn = nx.draw_networkx_nodes(topo.graph, pos, ax=ax, node_color=colors, cmap="viridis",
                                    vmin=0, vmax=100, node_size=420)  # fmt: skip
-    nx.draw_networkx_edges(topo.graph, pos, ax=ax, alpha=0.5)
+    nx.draw_networkx_edges(topo.graph, pos, ax=ax, alpha=0.5, node_size=420)
     nx.draw_networkx_labels(topo.graph, pos, ax=ax, font_size=8, font_color="white")
     if final is not None:
         fig.colorbar(drawn, ax=ax, shrink=0.7, label="final test accuracy (%)")
-    ax.set_title(f"{cfg.topology}, {cfg.mixing}, spectral gap {topo.spectral_gap:.3f}", fontsize=9)
+    gap = period_spectral_gap(cfg)
+    title = f"{cfg.topology}" + (" (round 1)" if is_schedule(cfg.topology) else f", {cfg.mixing}")
+    title += f", spectral gap {gap:.3f}" if gap is not None else ""
+    ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     path = run_dir / "topology.png"

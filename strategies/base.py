@@ -29,6 +29,8 @@ class GossipAlgorithm(ABC):
     communicates: bool = True
     # True when the message is the node's model itself (lets the relay monitor consensus).
     message_is_model: bool = False
+    # True when combine() takes ``out_degree``: how many nodes this node's message reaches.
+    needs_out_degree: bool = False
 
     def init_state(self, params: Params) -> State:
         """Extra per-node state the algorithm keeps between rounds (none by default)."""

@@ -45,6 +45,7 @@ class PushSum(GossipAlgorithm):
     """
 
     name = "push-sum"
+    needs_out_degree = True
 
     def init_state(self, params: Params) -> State:
         """Numerator x_i = params, weight w_i = 1."""

@@ -94,6 +94,8 @@ def dsgd_bytes(tmp_path_factory):
         ("gradient-tracking", {}, (1.9, 2.1)),  # sends x and the tracker y
         ("push-sum", {}, (0.99, 1.05)),  # the model numerator plus one weight
         ("dsgd", {"finetune": "lora"}, (0.005, 0.05)),  # only adapters and head travel
+        ("push-sum", {"topology": "directed-exponential"}, (0.99, 1.05)),  # out-degree 2 at n=3
+        ("dsgd", {"topology": "random-matching"}, (0.3, 0.37)),  # one pair a round, not 3 edges
     ],
 )
 def test_every_strategy_runs_end_to_end_and_counts_its_real_payload(

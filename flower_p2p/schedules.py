@@ -1,0 +1,143 @@
+"""Communication over time: directed graphs and graphs that change every round.
+
+* ``directed-exponential``: node i sends to i + 2^k (mod n) for every 2^k < n (static, directed);
+* ``one-peer-exponential``: in round t node i sends to i + 2^(t mod K) only, K = ceil(log2 n)
+  (Ying et al. 2021): one message per node per round, exact averaging after K rounds when n is a
+  power of two;
+* ``random-matching``: a fresh random maximal matching of the nodes every round, from the seed.
+
+Directed graphs use column-stochastic uniform weights (a sender splits its mass equally between
+itself and its out-neighbours): what push-sum needs. All three schedules here are also doubly
+stochastic (every node has the same in- and out-degree), so DSGD-style algorithms converge to the
+exact average on them too; ``check_schedule`` verifies this for every round it is asked about.
+``random-matching`` uses the run's ``mixing`` rule on each round's matching (1/2 per pair).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import networkx as nx
+import numpy as np
+
+from flower_p2p.registry import ConfigError
+from flower_p2p.topology import GRAPHS, MIXINGS, Topology, topology_for
+
+SCHEDULES = ("directed-exponential", "one-peer-exponential", "random-matching")
+
+
+def _hops(n: int) -> list[int]:
+    return [2**k for k in range(max(1, math.ceil(math.log2(n))))]
+
+
+def column_stochastic_uniform(g: nx.DiGraph) -> np.ndarray:
+    """W[i, j] = 1 / (out_degree(j) + 1) for every edge j -> i and for i = j."""
+    n = g.number_of_nodes()
+    w = np.zeros((n, n))
+    for j in range(n):
+        share = 1.0 / (g.out_degree(j) + 1)
+        w[j, j] = share
+        for i in g.successors(j):
+            w[i, j] = share
+    return w
+
+
+def directed_exponential_graph(n: int) -> nx.DiGraph:
+    """I -> i + 2^k (mod n) for every 2^k < n."""
+    g = nx.DiGraph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from((i, (i + h) % n) for h in _hops(n) if h < n for i in range(n))
+    return g
+
+
+def one_peer_graph(n: int, rnd: int) -> nx.DiGraph:
+    """Round ``rnd``'s one-peer exponential graph: i -> i + 2^(rnd mod K)."""
+    hops = _hops(n)
+    hop = hops[rnd % len(hops)]
+    g = nx.DiGraph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from((i, (i + hop) % n) for i in range(n) if (i + hop) % n != i)
+    return g
+
+
+def random_matching_graph(n: int, seed: int, rnd: int) -> nx.Graph:
+    """A uniformly random maximal matching (one node idle when n is odd), fixed by (seed, rnd)."""
+    order = np.random.default_rng([seed, rnd]).permutation(n)
+    g = nx.empty_graph(n)
+    g.add_edges_from((int(order[k]), int(order[k + 1])) for k in range(0, n - 1, 2))
+    return g
+
+
+def is_schedule(spec: str) -> bool:
+    """True for the directed / time-varying topologies of this module."""
+    return spec in SCHEDULES
+
+
+def topology_at(cfg, rnd: int) -> Topology:  # cfg: ExperimentConfig
+    """The graph that messages sent in round ``rnd`` travel over (static topologies: always one)."""
+    if not is_schedule(cfg.topology):
+        return topology_for(cfg)
+    # random-matching changes every round; the exponential ones repeat with period K
+    key = rnd if cfg.topology == "random-matching" else rnd % len(_hops(cfg.num_nodes))
+    return _scheduled(cfg.topology, cfg.mixing, cfg.num_nodes, cfg.seed, key)
+
+
+@functools.lru_cache(maxsize=256)
+def _scheduled(spec: str, mixing: str, n: int, seed: int, key: int) -> Topology:
+    if spec == "directed-exponential":
+        g = directed_exponential_graph(n)
+        w = column_stochastic_uniform(g)
+    elif spec == "one-peer-exponential":
+        g = one_peer_graph(n, key)
+        w = column_stochastic_uniform(g)
+    else:
+        g = random_matching_graph(n, seed, key)
+        w = MIXINGS.get(mixing)(g)
+    return Topology(graph=g, weights=w, name=spec, mixing=mixing)
+
+
+def check_schedule(cfg, rounds: int | None = None) -> None:  # cfg: ExperimentConfig
+    """Validate the weights of the first ``rounds`` rounds and the union graph's connectivity."""
+    if not is_schedule(cfg.topology):
+        return
+    n = cfg.num_nodes
+    if n < 2:
+        raise ConfigError("num-nodes", n, f"at least 2 for topology={cfg.topology}")
+    rounds = rounds or max(len(_hops(n)), min(cfg.num_rounds, 16))
+    union = nx.DiGraph()
+    union.add_nodes_from(range(n))
+    for rnd in range(1, rounds + 1):
+        topo = topology_at(cfg, rnd)
+        w = topo.weights
+        if (w < 0).any() or not np.allclose(w.sum(axis=0), 1.0):
+            raise ConfigError("topology", cfg.topology, "column-stochastic weights every round")
+        if cfg.strategy != "push-sum" and not np.allclose(w.sum(axis=1), 1.0):
+            raise ConfigError(
+                "strategy",
+                cfg.strategy,
+                f"push-sum on topology={cfg.topology} (not doubly stochastic)",
+            )
+        union.add_edges_from(topo.graph.to_directed().edges)
+    if not nx.is_strongly_connected(union):
+        raise ConfigError(
+            "topology", cfg.topology, f"a schedule whose first {rounds} rounds connect all nodes"
+        )
+
+
+def period_spectral_gap(cfg) -> float | None:  # cfg: ExperimentConfig
+    """1 - |lambda_2| of the product of one period's matrices (None for random schedules)."""
+    if not is_schedule(cfg.topology):
+        return topology_for(cfg).spectral_gap
+    if cfg.topology == "random-matching":
+        return None
+    period = 1 if cfg.topology == "directed-exponential" else len(_hops(cfg.num_nodes))
+    product = np.eye(cfg.num_nodes)
+    for rnd in range(period):
+        product = topology_at(cfg, rnd).weights @ product
+    mags = np.sort(np.abs(np.linalg.eigvals(product)))[::-1]
+    return float(1.0 - mags[1])
+
+
+__all__ = ["GRAPHS", "SCHEDULES", "check_schedule", "is_schedule", "period_spectral_gap",
+           "topology_at"]  # fmt: skip
