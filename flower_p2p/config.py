@@ -48,6 +48,7 @@ class ExperimentConfig:
     window_size: int = 4
     pretrained: str = "none"
     finetune: str = "full"
+    share: str = "all"
     last_k: int = 1
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -96,7 +97,7 @@ class ExperimentConfig:
         """Check every value against what is allowed; registries name the allowed choices."""
         # Local imports: the registries live next to the code they describe.
         from flower_p2p.data import PARTITIONERS, check_dataset_spec
-        from flower_p2p.models import FINETUNE_MODES, check_model_name
+        from flower_p2p.models import FINETUNE_MODES, PARAM_GROUPS, check_model_name
         from flower_p2p.schedules import SCHEDULES, check_schedule, is_schedule
         from flower_p2p.topology import GRAPHS, MIXINGS
         from strategies import strategy_names
@@ -151,6 +152,11 @@ class ExperimentConfig:
                     "none, hub, or an existing checkpoint file (.safetensors, .pth, .pt, .bin)",
                 )
         FINETUNE_MODES.get(self.finetune)
+        bad = [g for g in self.share.split(",") if g.strip() not in PARAM_GROUPS]
+        if bad or not self.share.strip():
+            raise ConfigError(
+                "share", self.share, f"comma-separated groups of {', '.join(PARAM_GROUPS)}"
+            )
         for key in ("last-k", "lora-rank", "lora-alpha"):
             _positive(key, getattr(self, key.replace("-", "_")))
         if self.optimizer not in OPTIMIZERS:

@@ -195,6 +195,42 @@ def apply_finetune(model: nn.Module, cfg: ExperimentConfig) -> tuple[nn.Module, 
     return model, [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+# What ``share`` can name: "all" or groups of trainable parameters, by their place in the model.
+PARAM_GROUPS = ("all", "head", "attn", "mlp", "norm", "embed", "other")
+
+
+def param_group(name: str) -> str:
+    """The group of a parameter name (works through peft's wrappers: ``...attn.qkv.lora_A...``)."""
+    parts = name.split(".")
+    if "head" in parts or "head_dist" in parts:
+        return "head"
+    if "attn" in parts:
+        return "attn"
+    if "mlp" in parts:
+        return "mlp"
+    if any(p.startswith("norm") for p in parts):
+        return "norm"
+    if any(
+        p in ("patch_embed", "pos_embed", "cls_token", "dist_token", "reg_token") for p in parts
+    ):
+        return "embed"
+    return "other"
+
+
+def shared_names(trainable: list[str], cfg: ExperimentConfig) -> list[str]:
+    """The trainable parameters that ``share`` mixes with neighbours (the rest stay local)."""
+    groups = {g.strip() for g in cfg.share.split(",")}
+    names = list(trainable) if "all" in groups else [
+        n for n in trainable if param_group(n) in groups]  # fmt: skip
+    if not names:
+        present = sorted({param_group(n) for n in trainable})
+        raise ConfigError(
+            "share", cfg.share, f"groups with trainable parameters under finetune={cfg.finetune}: "
+            f"{', '.join(present)}",
+        )  # fmt: skip
+    return names
+
+
 def get_params(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
     """Copies of the named parameters as numpy arrays (what travels between nodes)."""
     params = dict(model.named_parameters())

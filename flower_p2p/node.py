@@ -16,7 +16,14 @@ import torch
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import load_data, make_transform, to_tensors
-from flower_p2p.models import apply_finetune, create_model, data_config, get_params, set_params
+from flower_p2p.models import (
+    apply_finetune,
+    create_model,
+    data_config,
+    get_params,
+    set_params,
+    shared_names,
+)
 from flower_p2p.schedules import topology_at
 from flower_p2p.training import (
     evaluate,
@@ -42,6 +49,7 @@ class NodeRuntime:
         self.num_classes = bundle.num_classes
         model, self.trainable = apply_finetune(create_model(cfg, bundle.num_classes), cfg)
         self.model = model.to(self.device)
+        self.shared = shared_names(self.trainable, cfg)
         self.initial_params = get_params(self.model, self.trainable)
         transform = make_transform(cfg.img_size or 224, *data_config(self.model))
         train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]
@@ -128,9 +136,12 @@ def run_round(
     """
     if params is None:
         params = rt.initial_params
+    # Only the shared groups go through the algorithm; the others never leave the node.
+    shared = {k: params[k] for k in rt.shared}
     if state is None:
-        state = algo.init_state(params)
-    params = algo.combine(params, state, inbox, weights, rt.node, **(combine_kwargs or {}))
+        state = algo.init_state(shared)
+    shared = algo.combine(shared, state, inbox, weights, rt.node, **(combine_kwargs or {}))
+    params = {**params, **shared}
     set_params(rt.model, params)
     result = RoundResult(params=params, message={}, state=state, optimizer=optimizer_blob or b"",
                          train_loss=float("nan"))  # fmt: skip
@@ -153,7 +164,7 @@ def run_round(
     result.train_s = time.perf_counter() - t0
     result.params = get_params(rt.model, rt.trainable)
     result.optimizer = optimizer_to_bytes(opt)
-    result.message = algo.message(result.params, state)
+    result.message = algo.message({k: result.params[k] for k in rt.shared}, state)
     return result
 
 

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import load_data
-from flower_p2p.models import apply_finetune, create_model
+from flower_p2p.models import apply_finetune, create_model, shared_names
 from flower_p2p.node import CENTRALIZED_NODE, algorithm_for
 from flower_p2p.results import (
     package_versions,
@@ -27,7 +27,6 @@ from flower_p2p.results import (
     write_jsonl,
 )
 from flower_p2p.schedules import period_spectral_gap, topology_at
-from flower_p2p.topology import Topology
 from flower_p2p.wire import from_record, pack_inbox
 
 app = ServerApp()
@@ -43,13 +42,14 @@ def main(grid: Grid, context: Context) -> None:
     run_experiment(grid, cfg)
 
 
-def preflight(cfg: ExperimentConfig) -> Topology | None:
+def preflight(cfg: ExperimentConfig) -> None:
     """Everything that can be wrong with the config, checked before any node trains."""
-    topo = topology_at(cfg, 1) if cfg.num_nodes >= 2 else None
+    if cfg.num_nodes >= 2:
+        topology_at(cfg, 1)  # graph connectivity, mixing weights
     bundle = load_data(cfg)  # node count vs samples, columns, partitioner feasibility
     # model name, overrides, checkpoint shape, fine-tune mode (e.g. last-k within the depth)
-    apply_finetune(create_model(cfg, bundle.num_classes), cfg)
-    return topo
+    _, trainable = apply_finetune(create_model(cfg, bundle.num_classes), cfg)
+    shared_names(trainable, cfg)  # `share` names groups that train
 
 
 def discover_nodes(grid: Grid, needed: list[int], wait_s: float = NODE_WAIT_S) -> dict[int, int]:
