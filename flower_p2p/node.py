@@ -140,7 +140,10 @@ def run_round(
     shared = {k: params[k] for k in rt.shared}
     if state is None:
         state = algo.init_state(shared)
-    shared = algo.combine(shared, state, inbox, weights, rt.node, **(combine_kwargs or {}))
+    kwargs = dict(combine_kwargs or {})
+    if algo.needs_num_examples:
+        kwargs["num_examples"] = len(rt.train_y)
+    shared = algo.combine(shared, state, inbox, weights, rt.node, **kwargs)
     params = {**params, **shared}
     set_params(rt.model, params)
     result = RoundResult(params=params, message={}, state=state, optimizer=optimizer_blob or b"",

@@ -76,11 +76,19 @@ def is_schedule(spec: str) -> bool:
 
 def topology_at(cfg, rnd: int) -> Topology:  # cfg: ExperimentConfig
     """The graph that messages sent in round ``rnd`` travel over (static topologies: always one)."""
+    if cfg.strategy == "fedavg":  # the server-average reference: everyone hears everyone
+        return _complete(cfg.num_nodes)
     if not is_schedule(cfg.topology):
         return topology_for(cfg)
     # random-matching changes every round; the exponential ones repeat with period K
     key = rnd if cfg.topology == "random-matching" else rnd % len(_hops(cfg.num_nodes))
     return _scheduled(cfg.topology, cfg.mixing, cfg.num_nodes, cfg.seed, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _complete(n: int) -> Topology:
+    g = nx.complete_graph(n)
+    return Topology(graph=g, weights=np.full((n, n), 1.0 / n), name="complete", mixing="uniform")
 
 
 @functools.lru_cache(maxsize=256)
@@ -127,8 +135,8 @@ def check_schedule(cfg, rounds: int | None = None) -> None:  # cfg: ExperimentCo
 
 def period_spectral_gap(cfg) -> float | None:  # cfg: ExperimentConfig
     """1 - |lambda_2| of the product of one period's matrices (None for random schedules)."""
-    if not is_schedule(cfg.topology):
-        return topology_for(cfg).spectral_gap
+    if not is_schedule(cfg.topology) or cfg.strategy == "fedavg":
+        return topology_at(cfg, 1).spectral_gap
     if cfg.topology == "random-matching":
         return None
     period = 1 if cfg.topology == "directed-exponential" else len(_hops(cfg.num_nodes))

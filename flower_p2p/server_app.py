@@ -161,6 +161,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
 
     def fan_out(p: int, rnd: int) -> int:
         """How many nodes node p's round-``rnd`` message is unicast to."""
+        if cfg.strategy == "fedavg":
+            return 1  # the reference's one upload to a (virtual) server
         return len(topology_at(cfg, rnd).out_neighbours[p]) if relays else 0
 
     rec = Recorder(out, nodes)
@@ -238,6 +240,8 @@ def summarize(
     accs = rec.round_accuracies(cfg.num_rounds)
     return {
         "strategy": cfg.strategy,
+        # fedavg and centralized are references, not peer-to-peer learning
+        "peer_to_peer": cfg.strategy not in ("fedavg", "centralized"),
         "num_nodes": cfg.num_nodes,
         "num_rounds": cfg.num_rounds,
         "accuracy_mean": float(np.mean(accs)),

@@ -7,6 +7,7 @@ from strategies.base import GossipAlgorithm, Params, State, weighted_sum
 from strategies.choco import Choco
 from strategies.compression import COMPRESSORS, Compressor, create_compressor
 from strategies.dsgd import DSGD
+from strategies.fedavg import FedAvg
 from strategies.gradient_tracking import GradientTracking
 from strategies.local import LocalOnly
 from strategies.push_sum import PushSum
@@ -17,6 +18,8 @@ STRATEGIES.register("local")(LocalOnly)
 STRATEGIES.register("choco")(Choco)
 STRATEGIES.register("gradient-tracking")(GradientTracking)
 STRATEGIES.register("push-sum")(PushSum)
+# Not peer-to-peer: the server-average reference, computed at each node over all nodes.
+STRATEGIES.register("fedavg")(FedAvg)
 
 # References that are not gossip: run by the harness itself, same data and optimizer steps.
 REFERENCES = ("centralized",)
@@ -37,6 +40,7 @@ __all__ = [
     "Choco",
     "Compressor",
     "DSGD",
+    "FedAvg",
     "GossipAlgorithm",
     "GradientTracking",
     "LocalOnly",

@@ -31,6 +31,8 @@ class GossipAlgorithm(ABC):
     message_is_model: bool = False
     # True when combine() takes ``out_degree``: how many nodes this node's message reaches.
     needs_out_degree: bool = False
+    # True when combine() takes ``num_examples``: the size of the node's training data.
+    needs_num_examples: bool = False
 
     def init_state(self, params: Params) -> State:
         """Extra per-node state the algorithm keeps between rounds (none by default)."""

@@ -72,3 +72,19 @@ def test_gossip_with_dsgd_reaches_the_exact_average():
             for i in x
         }
     assert all(abs(x[i]["p"][0] - 3.5) < 1e-6 for i in x)
+
+
+def test_fedavg_reference_is_the_sample_weighted_average_at_every_node():
+    algo = create_strategy("fedavg")
+    sizes = {0: 10, 1: 30, 2: 60}
+    x = {j: {"p": np.full(2, float(j))} for j in sizes}
+    msgs = {}
+    for j, n in sizes.items():
+        state = {}
+        algo.combine(x[j], state, {}, {}, j, num_examples=n)
+        msgs[j] = algo.message(x[j], state)
+    expected = sum(n * j for j, n in sizes.items()) / sum(sizes.values())
+    for i, n in sizes.items():
+        inbox = {j: m for j, m in msgs.items() if j != i}
+        mixed = algo.combine(x[i], {}, inbox, {}, i, num_examples=n)
+        np.testing.assert_allclose(mixed["p"], expected)
