@@ -55,7 +55,6 @@ class NodeRuntime:
         train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]
         self.train_x, self.train_y = to_tensors(train, bundle, transform)
         self.test_x, self.test_y = to_tensors(bundle.test, bundle, transform)
-        self.train_classes = sorted(set(self.train_y.tolist()))
 
     def optimizer(self, blob: bytes | None, rnd: int) -> torch.optim.Optimizer:
         """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
