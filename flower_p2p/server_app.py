@@ -95,8 +95,8 @@ def consensus_distance(messages: list[dict[str, np.ndarray]]) -> float:
 class Recorder:
     """Collects per-(round, node) metrics and writes them atomically as they complete."""
 
-    def __init__(self, out: Path, nodes: list[int]) -> None:
-        self.out, self.nodes = out, nodes
+    def __init__(self, out: Path) -> None:
+        self.out = out
         self.records: dict[tuple[int, int], dict] = {}
         self.network: list[dict] = []
 
@@ -165,7 +165,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
             return 1  # the reference's one upload to a (virtual) server
         return len(topology_at(cfg, rnd).out_neighbours[p]) if relays else 0
 
-    rec = Recorder(out, nodes)
+    rec = Recorder(out)
     sent = dict.fromkeys(nodes, 0)
     last_out: dict[int, ArrayRecord] = {}
     start = time.perf_counter()
