@@ -3,6 +3,7 @@
 python -m sim run [key=value ...]       one experiment (same keys as the run config)
 python -m sim compare [key=value ...]   gossip vs local vs centralized on the same budget
 python -m sim plot <run-folder>         regenerate the plots from saved metrics
+python -m sim table <folder>            table and accuracy-vs-MB plot over finished runs
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--verbose", action="store_true")
     p = sub.add_parser("plot")
     p.add_argument("folder")
+    p = sub.add_parser("table", help="table + accuracy-vs-MB plot over the runs in a folder")
+    p.add_argument("folder")
+    p.add_argument("--by", default="strategy,finetune", help="run-config keys for the rows")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             out = compare(config_from_args(args.overrides), verbose=args.verbose)
             print((out / "compare.md").read_text())
             print(out)
+        elif args.command == "table":
+            from sim.table import plot_accuracy_vs_mb, write_table
+
+            by = tuple(k.strip() for k in args.by.split(","))
+            print(write_table(Path(args.folder), by))
+            print(plot_accuracy_vs_mb(Path(args.folder), line=by[0], panel=by[-1]))
         else:
             from sim.plots import plot_run
 

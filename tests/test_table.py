@@ -1,0 +1,43 @@
+"""`python -m sim table`: rows from saved runs, and the accuracy-vs-MB plot."""
+
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.results import write_json, write_jsonl
+from sim.cli import main
+from sim.table import mean_accuracy_vs_mb, write_table
+
+
+def _fake_run(folder, strategy, finetune, accs, mb_per_round):
+    cfg = ExperimentConfig(strategy=strategy, finetune=finetune, num_nodes=2).to_run_config()
+    write_json(folder / "config.json", {"config": cfg, "seed": 0, "versions": {}})
+    metrics = [
+        {"round": t, "node": n, "accuracy": accs[t][n], "loss": 1.0, "train_loss": 1.0,
+         "bytes_sent": int(t * mb_per_round * 1e6), "wall_s": float(t)}
+        for t in range(len(accs)) for n in range(2)
+    ]  # fmt: skip
+    write_jsonl(folder / "metrics.jsonl", metrics)
+    final = accs[-1]
+    write_json(folder / "summary.json", {
+        "accuracy_mean": sum(final) / 2, "accuracy_min": min(final), "wall_s": 12.0,
+        "mean_bytes_sent_per_node": (len(accs) - 1) * mb_per_round * 1e6,
+    })  # fmt: skip
+
+
+def test_table_and_plot_from_saved_runs(tmp_path, capsys):
+    _fake_run(tmp_path / "a", "dsgd", "full", [[0.1, 0.1], [0.5, 0.7], [0.8, 0.9]], 4.0)
+    _fake_run(tmp_path / "b", "choco", "lora", [[0.1, 0.1], [0.3, 0.5]], 0.5)
+    md = write_table(tmp_path, ("strategy", "finetune"))
+    lines = md.strip().splitlines()
+    assert lines[2] == "| choco | lora | 40.00 | 30.00 | 0.5 | 12 |"
+    assert lines[3] == "| dsgd | full | 85.00 | 80.00 | 8.0 | 12 |"
+    assert (tmp_path / "table.csv").read_text().count("\n") == 3
+    assert main(["table", str(tmp_path)]) == 0
+    assert (tmp_path / "accuracy_vs_mb.png").stat().st_size > 0
+    assert "dsgd | full" in capsys.readouterr().out
+
+
+def test_accuracy_vs_mb_pairs_each_round_with_bytes_so_far():
+    metrics = [{"round": t, "node": n, "accuracy": 0.1 * (t + n), "bytes_sent": t * 2_000_000}
+               for t in range(3) for n in range(2)]  # fmt: skip
+    mb, acc = mean_accuracy_vs_mb(metrics)
+    assert list(mb) == [0.0, 2.0, 4.0]
+    assert [round(a, 6) for a in acc] == [5.0, 15.0, 25.0]
