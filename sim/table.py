@@ -81,7 +81,7 @@ def plot_accuracy_vs_mb(folder: Path, line: str, panel: str) -> Path:
         ax.set_title(f"{panel} = {value}", fontsize=10)
         ax.set_xlabel("MB sent per node (log)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     axes[0][0].set_ylabel("mean node test accuracy (%)")
     axes[0][0].set_ylim(0, 100)
     fig.tight_layout()
