@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -16,13 +14,13 @@ import numpy as np  # noqa: E402
 
 from flower_p2p.config import ExperimentConfig  # noqa: E402
 from flower_p2p.results import (  # noqa: E402
-    atomic_write_text,
     prepare_out_dir,
     read_jsonl,
     resolve_out_dir,
     write_json,  # noqa: E402
 )
 from sim.plots import accuracy_table, plot_run  # noqa: E402
+from sim.table import write_md_and_csv  # noqa: E402
 
 REFERENCES = ("local", "centralized")
 
@@ -58,12 +56,7 @@ def write_table(out: Path, summaries: dict[str, dict]) -> None:
          f"{s['mean_bytes_sent_per_node'] / 1e6:.2f}", f"{s['wall_s']:.0f}"]
         for name, s in summaries.items()
     ]  # fmt: skip
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
-    atomic_write_text(out / "compare.md", md)
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
-    atomic_write_text(out / "compare.csv", buf.getvalue())
+    write_md_and_csv(out, "compare", header, rows)
 
 
 def plot_compare(out: Path, runs: dict[str, Path]) -> Path:

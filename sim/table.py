@@ -43,12 +43,17 @@ def write_table(folder: Path, by: tuple[str, ...]) -> str:
          f"{r['summary']['mean_bytes_sent_per_node'] / 1e6:.1f}", f"{r['summary']['wall_s']:.0f}"]
         for r in runs
     ]  # fmt: skip
+    return write_md_and_csv(folder, "table", header, rows)
+
+
+def write_md_and_csv(folder: Path, stem: str, header: list[str], rows: list[list[str]]) -> str:
+    """``<stem>.md`` (a Markdown table) and ``<stem>.csv`` with the same cells; returns the md."""
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(row) + " |\n" for row in rows)
-    atomic_write_text(folder / "table.md", md)
+    atomic_write_text(folder / f"{stem}.md", md)
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
-    atomic_write_text(folder / "table.csv", buf.getvalue())
+    atomic_write_text(folder / f"{stem}.csv", buf.getvalue())
     return md
 
 
