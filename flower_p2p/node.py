@@ -91,6 +91,13 @@ class RoundResult:
     eval_s: float = 0.0
 
 
+def senders(cfg: ExperimentConfig, algo: GossipAlgorithm, node: int, rnd: int) -> tuple[int, ...]:
+    """Who ``node`` hears from among the messages sent in round ``rnd`` (none before round 1)."""
+    if not algo.communicates or cfg.strategy == "centralized" or rnd < 1:
+        return ()
+    return topology_at(cfg, rnd).in_neighbours[node]
+
+
 def mixing_inputs(
     cfg: ExperimentConfig, algo: GossipAlgorithm, node: int, rnd: int
 ) -> tuple[dict[int, float], dict]:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import load_data
 from flower_p2p.models import apply_finetune, create_model, shared_names
-from flower_p2p.node import CENTRALIZED_NODE, algorithm_for
+from flower_p2p.node import CENTRALIZED_NODE, algorithm_for, senders
 from flower_p2p.results import (
     package_versions,
     prepare_out_dir,
@@ -155,10 +155,6 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     algo = algorithm_for(cfg)
     relays = algo.communicates and cfg.strategy != "centralized"
 
-    def senders_to(p: int, rnd: int) -> tuple[int, ...]:
-        """Who node p hears from among the messages sent in round ``rnd``."""
-        return topology_at(cfg, rnd).in_neighbours[p] if relays and rnd >= 1 else ()
-
     def fan_out(p: int, rnd: int) -> int:
         """How many nodes node p's round-``rnd`` message is unicast to."""
         if cfg.strategy == "fedavg":
@@ -175,7 +171,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
             _train_message(
                 rnd,
                 evaluate,
-                neighbour_inbox(p, senders_to(p, rnd - 1), last_out),
+                neighbour_inbox(p, senders(cfg, algo, p, rnd - 1), last_out),
                 node_ids[p],
                 kind,
             )

@@ -11,15 +11,20 @@ import time
 import numpy as np
 
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.node import CENTRALIZED_NODE, algorithm_for, mixing_inputs, node_runtime, run_round
-from flower_p2p.schedules import topology_at
+from flower_p2p.node import (
+    CENTRALIZED_NODE,
+    algorithm_for,
+    mixing_inputs,
+    node_runtime,
+    run_round,
+    senders,
+)
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
     """Run ``cfg`` in-process; returns per-round node accuracies and wall time."""
     algo = algorithm_for(cfg)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
-    relays = algo.communicates and cfg.strategy != "centralized"
     state = {p: (None, None, None) for p in nodes}
     outbox: dict[int, dict] = {}
     acc: dict[int, list[float]] = {}
@@ -30,8 +35,7 @@ def run_plain(cfg: ExperimentConfig) -> dict:
         new_out = {}
         for p in nodes:
             params, algo_state, blob = state[p]
-            senders = topology_at(cfg, rnd - 1).in_neighbours[p] if relays and rnd > 1 else ()
-            inbox = {j: outbox[j] for j in senders if j in outbox}
+            inbox = {j: outbox[j] for j in senders(cfg, algo, p, rnd - 1) if j in outbox}
             weights, extra = mixing_inputs(cfg, algo, p, rnd)
             res = run_round(
                 node_runtime(cfg, p), algo, params, algo_state, blob, inbox, weights, rnd,
