@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.node import RoundResult, algorithm_for, mixing_inputs, node_runtime, run_round
+from flower_p2p.results import node_params_path, write_params
 from flower_p2p.wire import from_record, payload_bytes, to_record, unpack_inbox
 
 app = ClientApp()
@@ -82,8 +85,17 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Final combine with the last round's messages, then evaluate (no training)."""
-    return _step(msg, context, train=False)
+    """Final combine with the last round's messages, then evaluate (no training).
+
+    When the relay names a ``final-dir``, the node also saves its final trainable parameters
+    there, so plots (e.g. attention maps) can rebuild its model without re-running training.
+    """
+    reply = _step(msg, context, train=False)
+    final_dir = msg.content.config_records["config"].get("final-dir")
+    if final_dir:
+        params = from_record(context.state.array_records[STATE_PARAMS])
+        write_params(node_params_path(Path(str(final_dir)), _partition_id(context)), params)
+    return reply
 
 
 __all__ = ["app"]

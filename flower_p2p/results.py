@@ -1,4 +1,6 @@
-"""The results folder: config.json, metrics.jsonl, network.jsonl, summary.json.
+"""The results folder: config.json, metrics.jsonl, network.jsonl, summary.json, final/.
+
+``final/node-<i>.safetensors`` holds node i's final trainable parameters.
 
 Every file is written to a temporary name and renamed into place, so a reader (or a crash) never
 sees a half-written file.
@@ -15,18 +17,27 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flower_p2p.registry import ConfigError
 
 PACKAGES = ("flwr", "flwr-datasets", "torch", "timm", "datasets", "numpy", "networkx")
+# Subfolder where every node saves its final trainable parameters (read back by `sim plot`).
+FINAL_DIR = "final"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,6 +59,25 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSON-lines file."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_params(path: Path, params: dict[str, np.ndarray]) -> None:
+    """Atomically write named arrays as a safetensors file."""
+    from safetensors.numpy import save
+
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in params.items()}))
+
+
+def node_params_path(final_dir: Path, node: int) -> Path:
+    """Where node ``node`` saves its final trainable parameters inside ``final_dir``."""
+    return Path(final_dir) / f"node-{node}.safetensors"
+
+
+def read_params(path: Path) -> dict[str, np.ndarray]:
+    """Named arrays of a safetensors file written by ``write_params``."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
 
 
 def package_versions() -> dict[str, str]:

@@ -17,9 +17,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import load_data
-from flower_p2p.models import apply_finetune, create_model, shared_names
+from flower_p2p.models import apply_finetune, create_model, param_group, shared_names
 from flower_p2p.node import CENTRALIZED_NODE, algorithm_for, senders
 from flower_p2p.results import (
+    FINAL_DIR,
     package_versions,
     prepare_out_dir,
     resolve_out_dir,
@@ -80,16 +81,21 @@ def discover_nodes(grid: Grid, needed: list[int], wait_s: float = NODE_WAIT_S) -
     return {p: mapping[p] for p in needed}
 
 
-def consensus_distance(messages: list[dict[str, np.ndarray]]) -> float:
-    """Monitoring only: mean over nodes of ||x_i - mean_j x_j||^2 over the relayed arrays."""
+def consensus_by_group(messages: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Monitoring only: mean over nodes of ||x_i - mean_j x_j||^2 over the relayed arrays.
+
+    Split by parameter group (``param_group``: attn, mlp, norm, head, ...); the groups sum to the
+    consensus distance over all relayed arrays.
+    """
     keys = sorted(set.intersection(*(set(m) for m in messages)))
     if len(messages) < 2 or not keys:
-        return float("nan")
-    total = 0.0
+        return {}
+    by_group: dict[str, float] = {}
     for k in keys:
         stack = np.stack([m[k].astype(np.float64) for m in messages])
-        total += float(((stack - stack.mean(axis=0)) ** 2).sum())
-    return total / len(messages)
+        spread = float(((stack - stack.mean(axis=0)) ** 2).sum()) / len(messages)
+        by_group[param_group(k)] = by_group.get(param_group(k), 0.0) + spread
+    return by_group
 
 
 class Recorder:
@@ -132,9 +138,17 @@ def neighbour_inbox(
 
 
 def _train_message(
-    rnd: int, evaluate: bool, inbox: dict[int, ArrayRecord], node_id: int, kind: str
+    rnd: int,
+    evaluate: bool,
+    inbox: dict[int, ArrayRecord],
+    node_id: int,
+    kind: str,
+    final_dir: str = "",
 ) -> Message:
-    content = RecordDict({"config": ConfigRecord({"round": rnd, "evaluate": evaluate})})
+    config = {"round": rnd, "evaluate": evaluate}
+    if final_dir:  # the final evaluation: nodes save their model there (for `sim plot`)
+        config["final-dir"] = final_dir
+    content = RecordDict({"config": ConfigRecord(config)})
     pack_inbox(content, inbox)
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
@@ -174,6 +188,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
                 neighbour_inbox(p, senders(cfg, algo, p, rnd - 1), last_out),
                 node_ids[p],
                 kind,
+                str(out / FINAL_DIR) if kind == MessageType.EVALUATE else "",
             )
             for p in nodes
         ]
@@ -197,13 +212,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     for rnd in range(1, cfg.num_rounds + 1):
         evaluate = (rnd - 1) % cfg.eval_every == 0
         relay(rnd, evaluate, MessageType.TRAIN)
-        cd = None
+        cd, by_group = None, None
         if algo.message_is_model and len(last_out) == len(nodes):
-            cd = consensus_distance([from_record(last_out[p]) for p in nodes])
+            by_group = consensus_by_group([from_record(last_out[p]) for p in nodes])
+            cd = sum(by_group.values()) if by_group else float("nan")
         # Timings live here, not in metrics.jsonl, so that metrics.jsonl is deterministic.
         rec.network.append(
-            {"round": rnd, "consensus_distance": cd, "wall_s": time.perf_counter() - start}
-        )
+            {"round": rnd, "consensus_distance": cd, "consensus_by_group": by_group,
+             "wall_s": time.perf_counter() - start}
+        )  # fmt: skip
         rec.flush()
         accs = rec.round_accuracies(rnd - 1)
         if accs:  # evaluation happens every eval-every rounds, on the combined models
