@@ -2,7 +2,8 @@
 
 python -m sim run [key=value ...]       one experiment (same keys as the run config)
 python -m sim compare [key=value ...]   gossip vs local vs centralized on the same budget
-python -m sim plot <run-folder>         regenerate the plots from saved metrics
+python -m sim sweep <file.toml>         a grid of run configs x seeds, a mean +- std table
+python -m sim plot <folder>             regenerate every plot of a run, compare or sweep folder
 python -m sim table <folder>            table and accuracy-vs-MB plot over finished runs
 """
 
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("overrides", nargs="*", help="run-config key=value pairs")
         p.add_argument("--verbose", action="store_true")
-    p = sub.add_parser("plot")
+    p = sub.add_parser("sweep", help="run a grid of configs x seeds (finished runs are skipped)")
+    p.add_argument("file", help="sweep TOML: [base] shared keys, [grid] lists of values, seeds")
+    p.add_argument("--out", default=None, help="sweep folder (default: next to the TOML file)")
+    p.add_argument("--no-plots", action="store_true", help="table only (plot later: sim plot)")
+    p.add_argument("--verbose", action="store_true")
+    p = sub.add_parser("plot", help="regenerate every plot of a run, compare or sweep folder")
     p.add_argument("folder")
     p = sub.add_parser("table", help="table + accuracy-vs-MB plot over the runs in a folder")
     p.add_argument("folder")
@@ -81,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             out = compare(config_from_args(args.overrides), verbose=args.verbose)
             print((out / "compare.md").read_text())
             print(out)
+        elif args.command == "sweep":
+            from sim.sweep import run_sweep
+
+            out = run_sweep(Path(args.file), args.out and Path(args.out), verbose=args.verbose,
+                            plot=not args.no_plots)  # fmt: skip
+            print((out / "sweep.md").read_text())
+            print(out)
         elif args.command == "table":
             from sim.table import plot_accuracy_vs_mb, write_table
 
@@ -88,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             print(write_table(Path(args.folder), by))
             print(plot_accuracy_vs_mb(Path(args.folder), line=by[0], panel=by[-1]))
         else:
-            from sim.plots import plot_run
+            from sim.plots import plot_folder
 
-            for path in plot_run(Path(args.folder)):
+            for path in plot_folder(Path(args.folder)):
                 print(path)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

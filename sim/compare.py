@@ -5,28 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from flower_p2p.config import ExperimentConfig  # noqa: E402
-from flower_p2p.results import (  # noqa: E402
-    prepare_out_dir,
-    read_jsonl,
-    resolve_out_dir,
-    write_json,  # noqa: E402
-)
-from sim.plots import accuracy_table, plot_run  # noqa: E402
-from sim.table import write_md_and_csv  # noqa: E402
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.results import prepare_out_dir, resolve_out_dir, write_json
+from sim.plots import plot_folder
+from sim.table import write_md_and_csv
 
 REFERENCES = ("local", "centralized")
 
 
 def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
-    """Run ``cfg.strategy`` and the references into one folder; write compare.{md,csv,png}."""
+    """Run ``cfg.strategy`` and the references into one folder; write compare.{md,csv}.
+
+    Then every plot: each run's own (centralized as their reference line) and, in ``plots/``,
+    the strategies side by side (``compare-strategy.png``).
+    """
     from sim.engine import run_experiment
 
     out = resolve_out_dir(cfg.out_dir, f"compare-{cfg.strategy}")
@@ -42,9 +34,8 @@ def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
     for name, run_dir in runs.items():
         summaries[name]["reference"] = {k: v for k, v in reference.items() if k != name}
         write_json(run_dir / "summary.json", summaries[name])
-        plot_run(run_dir)
     write_table(out, summaries)
-    plot_compare(out, runs)
+    plot_folder(out)
     return out
 
 
@@ -57,27 +48,3 @@ def write_table(out: Path, summaries: dict[str, dict]) -> None:
         for name, s in summaries.items()
     ]  # fmt: skip
     write_md_and_csv(out, "compare", header, rows)
-
-
-def plot_compare(out: Path, runs: dict[str, Path]) -> Path:
-    """compare.png: mean accuracy per round of every strategy, min-max band for multi-node runs."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"centralized": "black", "local": "tab:red"}
-    for name, run_dir in runs.items():
-        rounds, acc, nodes = accuracy_table(read_jsonl(run_dir / "metrics.jsonl"))
-        keep = ~np.isnan(acc).all(axis=1)
-        rounds, acc = rounds[keep], 100 * acc[keep]
-        color = colors.get(name, "tab:blue")
-        ax.plot(rounds, acc.mean(axis=1), color=color, lw=2, label=f"{name} (mean)")
-        if acc.shape[1] > 1:
-            ax.fill_between(rounds, acc.min(axis=1), acc.max(axis=1), color=color, alpha=0.12)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, title="band: min-max over nodes", title_fontsize=7)
-    fig.tight_layout()
-    path = out / "compare.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -3,7 +3,9 @@
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.results import write_json, write_jsonl
 from sim.cli import main
-from sim.table import mean_accuracy_vs_mb, write_table
+from sim.plots import node_curve, seed_band
+from sim.runs import Run
+from sim.table import write_table
 
 
 def _fake_run(folder, strategy, finetune, accs, mb_per_round):
@@ -38,6 +40,6 @@ def test_table_and_plot_from_saved_runs(tmp_path, capsys):
 def test_accuracy_vs_mb_pairs_each_round_with_bytes_so_far():
     metrics = [{"round": t, "node": n, "accuracy": 0.1 * (t + n), "bytes_sent": t * 2_000_000}
                for t in range(3) for n in range(2)]  # fmt: skip
-    mb, acc = mean_accuracy_vs_mb(metrics)
-    assert list(mb) == [0.0, 2.0, 4.0]
-    assert [round(a, 6) for a in acc] == [5.0, 15.0, 25.0]
+    band = seed_band([node_curve(Run(dir=None, config={}, metrics=metrics))])
+    assert list(band.mb) == [0.0, 2.0, 4.0]
+    assert [round(a, 6) for a in band.mean] == [5.0, 15.0, 25.0]
