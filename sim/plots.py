@@ -22,6 +22,7 @@ from datasets import Dataset  # noqa: E402
 from flwr_datasets.partitioner import Partitioner  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from flower_p2p.config import ExperimentConfig  # noqa: E402
 from flower_p2p.registry import ConfigError  # noqa: E402
@@ -105,11 +106,13 @@ def seed_band(curves: list[Curve]) -> SeedBand:
     )
 
 
-def describe(config: dict) -> str:
-    """A short title for a run's setting."""
+def describe(config: dict, varying: tuple[str, ...] = ()) -> str:
+    """A short title for a run's setting, leaving out the ``varying`` keys."""
     part = config["partitioner"]
-    part += f" (alpha={config['alpha']})" if part == "dirichlet" else ""
-    return f"{config['dataset']}, {part}, {config['topology']}, {config['model']}"
+    part += f" (alpha={config['alpha']})" if part == "dirichlet" and "alpha" not in varying else ""
+    shown = {"dataset": config["dataset"], "partitioner": part, "topology": config["topology"],
+             "model": config["model"]}  # fmt: skip
+    return ", ".join(v for k, v in shown.items() if k not in varying)
 
 
 def suptitle(fig: Figure, *lines: str) -> None:
@@ -177,6 +180,7 @@ def convergence_figure(runs: list[Run], references: list[Run] = (), title: str =
         for end in ends:
             end.append((ref.mean[-1], f"centralized {ref.mean[-1]:.1f}%", REFERENCE))
     nodes = curves[0].values.shape[1]
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, end, xlabel in zip(axes, ends, ("round", "MB sent per node"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylim(0, 100)
@@ -238,15 +242,15 @@ def comparison_figure(
             ref_curves = [c for c in (node_curve(r, metric) for r in matched) if c is not None]
             if ref_curves:
                 dirs = tuple(sorted(str(r.dir) for r in matched))
-                refs.append((dirs, seed_band(ref_curves).mean[-1], color))
-        shared = len({d for d, _, _ in refs}) == 1
+                refs.append((dirs, seed_band(ref_curves).mean[-1], color, value))
+        shared = len({d for d, _, _, _ in refs}) == 1
         for row, _ in enumerate(xs):
             ax = axes[row][col]
-            for _, value_ref, color in refs[:1] if shared else refs:
-                ax.axhline(value_ref, color=REFERENCE if shared else color, lw=1.2,
-                           ls="--" if shared else ":")  # fmt: skip
-            if shared and refs:
-                ends[row].append((refs[0][1], f"centralized {refs[0][1]:.1f}%", REFERENCE))
+            for _, level, color, value in refs[:1] if shared else refs:
+                color = REFERENCE if shared else color
+                ax.axhline(level, color=color, lw=1.2, ls="--" if shared else ":")
+                name = "centralized" if shared else f"centralized ({value})"
+                ends[row].append((level, f"{name} {level:.1f}%", color))
             ax.grid(alpha=0.3)
             ax.set_ylim(0, 100)
             label_ends(ax, ends[row])
@@ -257,9 +261,11 @@ def comparison_figure(
         axes[row][0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
         for ax in axes[row]:
             ax.set_xlabel("round" if x == "round" else "MB sent per node")
+            if x == "round":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     note = "; black dashed (or dotted, per colour): centralized reference" if references else ""
     suptitle(fig, f"one curve per {line}: mean over nodes, band +-std over seeds{note}",
-             describe(runs[0].config))  # fmt: skip
+             describe(runs[0].config, (line, *panels)))  # fmt: skip
     return fig
 
 
@@ -310,6 +316,7 @@ def consensus_figure(run: Run) -> Figure | None:
         label_ends(axes[1], ends)
     for ax in axes:
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(r"$\frac{1}{n}\sum_i \|x_i - \bar{x}\|^2$")
     suptitle(fig, f"consensus distance of the relayed messages, {run.config['strategy']}",
