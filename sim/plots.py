@@ -129,7 +129,8 @@ def label_ends(ax: Axes, ends: list[tuple[float, str, str]]) -> None:
     back = (lambda v: 10**v) if log else (lambda v: v)
     gap = 0.06 * (to(hi) - to(lo))
     placed: list[float] = []
-    for y, text, color in sorted((e for e in ends if np.isfinite(e[0])), key=lambda e: e[0]):
+    drawable = [e for e in ends if np.isfinite(e[0]) and (e[0] > 0 or not log)]
+    for y, text, color in sorted(drawable, key=lambda e: e[0]):
         pos = max(to(y), placed[-1] + gap) if placed else to(y)
         placed.append(pos)
         ax.annotate(text, xy=(1.0, back(pos)), xycoords=("axes fraction", "data"),
@@ -137,16 +138,18 @@ def label_ends(ax: Axes, ends: list[tuple[float, str, str]]) -> None:
                     color=color, annotation_clip=False)  # fmt: skip
 
 
-def convergence_figure(runs: list[Run], references: list[Run] = (), title: str = "") -> Figure:
+def convergence_figure(runs: list[Run], references: list[Run] = ()) -> Figure | None:
     """Accuracy vs round and vs MB sent per node, for one config over one or more seeds.
 
     Thin lines: every node of every seed. Thick: mean over nodes (and seeds), with a band of
     +- std over seeds (several seeds) or min-max over nodes (one seed). Dashed black: the
     centralized reference (its curve against rounds, its final value against MB). Orange: the
-    accuracy on unseen classes, when the run measured it.
+    accuracy on unseen classes, when the run measured it. None before any evaluation.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
     curves = [c for c in (node_curve(r) for r in runs) if c is not None]
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
     thin = max(0.08, 0.35 / len(curves))
     for c in curves:
         for j in range(c.values.shape[1]):
@@ -190,7 +193,7 @@ def convergence_figure(runs: list[Run], references: list[Run] = (), title: str =
     if not band.mb.any():
         axes[1].set_title("no bytes sent", fontsize=9)
     config = runs[0].config
-    suptitle(fig, title or f"{config['strategy']}: {describe(config)}",
+    suptitle(fig, f"{config['strategy']}: {describe(config)}",
              f"thin: each of {nodes} node(s); {spread}")  # fmt: skip
     return fig
 
@@ -213,9 +216,9 @@ def comparison_figure(
     """One curve per value of ``line``: mean over nodes, +-std over seeds.
 
     One column of panels per combination of ``panels`` values, one row per x axis (``round``,
-    ``mb``).
-    The centralized reference is a black dashed line when every curve of a panel shares it, or
-    a dotted line in each curve's colour when it differs between curves (e.g. one per alpha).
+    ``mb``). The centralized reference is a black dashed line when every curve of a panel
+    shares it, or a dotted line in each curve's colour when it differs between curves (e.g. one
+    per alpha).
     """
     combos = list(dict.fromkeys(tuple(r.config[k] for k in panels) for r in runs))
     values = _natural(list({r.config[line] for r in runs}))
@@ -465,7 +468,9 @@ def plot_collection(folder: Path, per_run: bool = True) -> list[Path]:
             seeds = {r.config["seed"] for r in group}
             refs = matching_references(group[0].config, references, seeds)
             name = run_name({k: group[0].config[k] for k in keys})
-            paths.append(save(convergence_figure(group, refs), out / f"convergence-{name}.png"))
+            fig = convergence_figure(group, refs)
+            if fig is not None:
+                paths.append(save(fig, out / f"convergence-{name}.png"))
     metrics = ["accuracy"] + (["unseen_accuracy"] if _has(compared, "unseen_accuracy") else [])
     for key in keys:
         for metric in metrics:
