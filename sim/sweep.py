@@ -31,7 +31,7 @@ import numpy as np
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.registry import ConfigError
 from flower_p2p.results import write_json
-from sim.runs import LOCATION_KEYS, NOT_REFERENCE_KEYS, config_key, load_run, run_name
+from sim.runs import LOCATION_KEYS, NOT_REFERENCE_KEYS, load_run, run_name
 from sim.table import write_md_and_csv
 
 SPECIAL = ("seeds", "reference")
@@ -112,7 +112,7 @@ def expand(spec: SweepSpec, out: Path, defaults: dict[str, Any]) -> list[Point]:
         for seed in spec.seeds:
             name = run_name({**values, "seed": seed})
             points.append(
-                Point(values, seed, name, _config(spec, defaults, values, seed, out / name))
+                Point(values, seed, name, _config(spec, defaults, values, seed, out, name))
             )
     refs: dict[str, Point] = {}
     if spec.reference:
@@ -120,9 +120,8 @@ def expand(spec: SweepSpec, out: Path, defaults: dict[str, Any]) -> list[Point]:
             values = {k: v for k, v in p.values.items() if k not in NOT_REFERENCE_KEYS}
             name = f"{REFERENCE_DIR}/{run_name({**values, 'seed': p.seed})}"
             if name not in refs:
-                cfg = _config(
-                    spec, defaults, {**values, "strategy": "centralized"}, p.seed, out / name
-                )
+                centralized = {**values, "strategy": "centralized"}
+                cfg = _config(spec, defaults, centralized, p.seed, out, name)
                 refs[name] = Point(values, p.seed, name, cfg, reference=True)
     everything = [*refs.values(), *points]
     names = [p.name for p in everything]
@@ -134,12 +133,17 @@ def expand(spec: SweepSpec, out: Path, defaults: dict[str, Any]) -> list[Point]:
 
 
 def _config(
-    spec: SweepSpec, defaults: dict[str, Any], values: dict[str, Any], seed: int, run_dir: Path
+    spec: SweepSpec,
+    defaults: dict[str, Any],
+    values: dict[str, Any],
+    seed: int,
+    out: Path,
+    name: str,
 ) -> ExperimentConfig:
-    """The validated config of one run; a bad value names its grid point."""
+    """The validated config of run ``name``; a bad value names the run."""
     raw = {**defaults, **spec.base, **values, "seed": seed}
-    cfg = in_run(run_dir.name, lambda: ExperimentConfig.from_run_config(raw))
-    return cfg.replace(out_dir=str(run_dir), overwrite=True)
+    cfg = in_run(name, lambda: ExperimentConfig.from_run_config(raw))
+    return cfg.replace(out_dir=str(out / name), overwrite=True)
 
 
 def in_run(name: str, check: Callable[[], Any]) -> Any:
@@ -157,10 +161,10 @@ def is_finished(run_dir: Path) -> bool:
 
 def check_finished_matches(point: Point, out: Path) -> None:
     """A finished run kept from an earlier sweep must have been run with the same config."""
-    saved = load_run(out / point.name).config
-    if config_key(saved) != config_key(point.config.to_run_config()):
-        diff = sorted(k for k in saved if saved[k] != point.config.to_run_config().get(k))
-        diff = [k for k in diff if k not in LOCATION_KEYS]
+    saved, want = load_run(out / point.name).config, point.config.to_run_config()
+    keys = sorted((set(saved) | set(want)) - set(LOCATION_KEYS))
+    diff = [k for k in keys if saved.get(k) != want.get(k)]
+    if diff:
         raise ConfigError(
             "sweep folder", str(out),
             f"a folder whose finished run {point.name} has this sweep's config (it differs in "
