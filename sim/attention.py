@@ -170,7 +170,8 @@ def attention_figure(
     shown_nodes = nodes[:max_nodes]
     maps, shown, labels = _maps_of(run, shown_nodes, num_images)
     columns = [(f"node {n}", maps[n]) for n in shown_nodes]
-    if reference is not None and saved_nodes(reference):
+    has_reference = reference is not None and bool(saved_nodes(reference))
+    if has_reference:
         ref_maps, _, _ = _maps_of(reference, saved_nodes(reference)[:1], num_images)
         columns.insert(0, ("centralized", next(iter(ref_maps.values()))))
     method = columns[0][1][2]
@@ -196,8 +197,8 @@ def attention_figure(
         ax.set_xticks([])
         ax.set_yticks([])
     notes = [method, "bright = large share of the map (each sums to 1); cyan: the image's outline"]
-    if reference is None:
-        notes.append("no centralized run in this folder: nodes only")
+    if not has_reference:
+        notes.append("no centralized model in this folder: nodes only")
     if len(nodes) > len(shown_nodes):
         notes.append(f"nodes {shown_nodes[0]}-{shown_nodes[-1]} of {len(nodes)}")
     suptitle(fig, f"{run.config['model']}, {run.config['strategy']}", *notes)
