@@ -22,7 +22,7 @@ from datasets import Dataset  # noqa: E402
 from flwr_datasets.partitioner import Partitioner  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from flower_p2p.config import ExperimentConfig  # noqa: E402
 from flower_p2p.registry import ConfigError  # noqa: E402
@@ -285,11 +285,20 @@ def _draw_band(ax: Axes, band: SeedBand, x: str, color: str) -> bool:
             ax.axhline(band.mean[-1], color=color, ls=(0, (1, 3)), lw=1.5)
             return True
         ax.set_xscale("log")
+        # plain numbers, and only 1, 2 and 5 of each decade (the default crowds short ranges)
+        ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+        ax.xaxis.set_minor_formatter(FuncFormatter(_plain))
     ax.plot(xs[keep], band.mean[keep], color=color, lw=2)
     if band.std is not None:
         ax.fill_between(xs[keep], (band.mean - band.std)[keep], (band.mean + band.std)[keep],
                         color=color, alpha=0.15)  # fmt: skip
     return False
+
+
+def _plain(value: float, _pos: int) -> str:
+    """A log-axis tick label: ``value`` plainly when its leading digit is 1, 2 or 5."""
+    lead = round(value / 10 ** np.floor(np.log10(value))) if value > 0 else 0
+    return f"{value:g}" if lead in (1, 2, 5) else ""
 
 
 def consensus_figure(run: Run) -> Figure | None:
