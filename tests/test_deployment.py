@@ -150,12 +150,15 @@ class Federation:
             *extra,
         )  # fmt: skip
 
-    def online_nodes(self) -> list[dict]:
-        """The SuperLink's list of SuperNodes (`flwr supernode ls`), online ones only."""
+    def nodes(self) -> list[dict]:
+        """The SuperLink's list of SuperNodes (`flwr supernode ls`), whatever their status."""
         out = self.flwr("supernode", "ls", "test", "--format", "json")
         assert out.returncode == 0, out.stdout + out.stderr
-        nodes = json.loads(out.stdout[out.stdout.index("{") :])["nodes"]
-        return [n for n in nodes if n["status"] == "online"]
+        return json.loads(out.stdout[out.stdout.index("{") :])["nodes"]
+
+    def online_nodes(self) -> list[dict]:
+        """The SuperNodes the SuperLink lists as online."""
+        return [n for n in self.nodes() if n["status"] == "online"]
 
     def wait_online(self, n: int, timeout: float = 120) -> list[dict]:
         """Wait until ``n`` SuperNodes are online (the ServerApp waits only NODE_WAIT_S)."""
@@ -349,31 +352,36 @@ def test_real_superlink_and_three_supernodes(federation, tmp_path, tiny_sim_run)
 
 
 def test_tls_and_supernode_auth_refuse_an_unregistered_key(federation, tmp_path):
-    """TLS everywhere, SuperNode auth on: registered keys join and train, another is refused."""
+    """TLS, SuperNode auth on: registered keys join and train; other keys and no key are refused."""
     tls = _make_tls(tmp_path / "certs")
     keys = [_make_node_key(tls, f"node{p}") for p in range(2)]
     rogue_key, _ = _make_node_key(tls, "rogue")  # never registered
     fed = federation(tls)
     fed.start_superlink("--enable-supernode-auth")
+    registered = set()
     for _, public in keys:
-        reg = fed.flwr("supernode", "register", str(public), "test")
-        assert reg.returncode == 0 and "registered successfully" in reg.stdout, (
-            reg.stdout + reg.stderr
-        )
+        reg = fed.flwr("supernode", "register", str(public), "test", "--format", "json")
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        registered.add(str(json.loads(reg.stdout[reg.stdout.index("{") :])["node-id"]))
     # Identical command lines apart from the key: only the key decides.
     for p, (private, _) in enumerate(keys):
         fed.start_supernode(f"supernode{p}", p, 2, "--auth-supernode-private-key", str(private))
     rogue = fed.start_supernode("rogue", 1, 2, "--auth-supernode-private-key", str(rogue_key))
+    # Without a key a SuperNode registers itself: what SuperNode authentication forbids.
+    keyless = fed.start_supernode("keyless", 1, 2)
     online = fed.wait_online(2)
     assert rogue.wait(timeout=120) != 0, fed.log("rogue")
     assert "Failed to activate SuperNode" in fed.log("rogue")
     assert "No SuperNode found with the given public key" in fed.log("superlink")
+    assert keyless.wait(timeout=120) != 0, fed.log("keyless")
+    assert "All SuperNodes must be registered via the CLI" in fed.log("keyless")
     out = tmp_path / "results"
     run_config = {"num-nodes": 2, "num-rounds": 1, "depth": 1, "img-size": 16, "eval-every": 1}
     fed.run_app({**run_config, "out-dir": str(out)})
     _assert_metrics(out, nodes=2, rounds=1)
     assert f"running on https://127.0.0.1:{fed.port}" in fed.log("superlink")  # TLS, not HTTP
-    # Only the two registered SuperNodes ever were nodes of this SuperLink.
-    assert len(online) == 2 and len(fed.online_nodes()) == 2
+    # Only the two registered SuperNodes ever were nodes of this SuperLink, and they were online.
+    assert {n["node-id"] for n in online} == registered
+    assert {n["node-id"] for n in fed.nodes()} == registered
     survivors = fed.stop()
     assert not survivors, f"processes left behind: {survivors}"
