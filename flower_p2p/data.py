@@ -100,12 +100,20 @@ def digits_dataset() -> Dataset:
 
 
 def _load_local(path: Path) -> DatasetDict:
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        loaded = load_from_disk(str(path))
-    elif any(path.rglob("*.parquet")):
-        loaded = load_dataset("parquet", data_dir=str(path))
-    else:
-        loaded = load_dataset("imagefolder", data_dir=str(path))
+    try:
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = load_from_disk(str(path))
+        elif any(path.rglob("*.parquet")):
+            loaded = load_dataset("parquet", data_dir=str(path))
+        else:
+            loaded = load_dataset("imagefolder", data_dir=str(path))
+    except (OSError, ValueError) as err:  # empty or unreadable folder (EmptyDatasetError too)
+        raise ConfigError(
+            "dataset",
+            str(path),
+            "a readable dataset folder: save_to_disk output, parquet files or an imagefolder "
+            f"({type(err).__name__}: {err})",
+        ) from err
     return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
 
 
@@ -126,7 +134,10 @@ def pick_column(columns: list[str], wanted: str, candidates: tuple[str, ...], ke
         if name in columns:
             return name
     raise ConfigError(
-        key, "auto", f"a column name; none of {', '.join(candidates)} is in {', '.join(columns)}"
+        key,
+        "auto",
+        f"a column name; none of {', '.join(candidates)} is among the dataset's columns "
+        f"({', '.join(columns)})",
     )
 
 

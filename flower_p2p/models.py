@@ -84,6 +84,15 @@ def checkpoint_num_classes(path: Path, classifier: str | tuple[str, ...]) -> int
     return int(state[key].shape[0])
 
 
+def _first_problem(err: Exception) -> str:
+    """The first tensor mismatch and a count: torch lists every one, which buries the point."""
+    lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+    if not lines:
+        return str(err)
+    more = f"; {len(lines) - 1} more" if len(lines) > 1 else ""
+    return lines[0].rstrip(".") + more
+
+
 def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """Build the model for ``cfg`` with a freshly initialised ``num_classes`` head.
 
@@ -120,7 +129,9 @@ def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
             )
     except RuntimeError as err:  # size mismatches from load_state_dict
         raise ConfigError(
-            "pretrained", cfg.pretrained, f"a checkpoint matching model={cfg.model} {kw}: {err}"
+            "pretrained",
+            cfg.pretrained,
+            f"a checkpoint matching model={cfg.model} {kw} ({_first_problem(err)})",
         ) from err
     if cfg.pretrained != "none":
         torch.manual_seed(cfg.seed)

@@ -132,8 +132,14 @@ def read_edge_list(path: Path, n: int) -> nx.Graph:
     """An undirected graph from a whitespace edge-list file ``u v`` per line (``#`` comments)."""
     if not path.is_file():
         raise ConfigError("topology", str(path), "a registered name or an existing edge-list file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            "topology", str(path), f"a readable UTF-8 edge-list file, 'u v' per line ({err})"
+        ) from err
     g = nx.empty_graph(n)
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -33,13 +33,16 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def backend_config(cfg: ExperimentConfig) -> dict:
-    """One CPU per node (torch threads follow: Ray sets OMP_NUM_THREADS); a GPU share if any."""
+    """One CPU per node (torch threads follow: Ray sets OMP_NUM_THREADS); a GPU share if any.
+
+    With ``RAY_ADDRESS`` set, ``ray.init`` attaches to that running Ray cluster, whose machines
+    provide the CPUs: Ray refuses ``num_cpus`` when attaching, so it is left out.
+    """
     gpus = 1.0 / min(num_supernodes(cfg), 4) if torch.cuda.is_available() else 0.0
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
-                      "log_to_driver": True},
-    }  # fmt: skip
+    init_args = {"logging_level": "ERROR", "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        init_args["num_cpus"] = os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init_args}
 
 
 def _write_app(app_dir: Path, cfg: ExperimentConfig) -> None:

@@ -1,5 +1,23 @@
 import os
 
+import pytest
+
 # The hub is unreachable here and in CI; without this every hub lookup stalls ~48 s first.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+# One tiny experiment through the simulation engine, shared by the determinism test (which runs
+# it again) and the Deployment Engine test (which runs it on real SuperNodes): kebab-case keys.
+TINY_RUN = {"num-nodes": 3, "num-rounds": 2, "depth": 1, "img-size": 16, "eval-every": 1}
+
+
+@pytest.fixture(scope="session")
+def tiny_sim_run(tmp_path_factory):
+    """(results folder, run config) of TINY_RUN in Flower's simulation engine."""
+    from flower_p2p.config import ExperimentConfig
+    from sim.engine import run_experiment
+
+    out = tmp_path_factory.mktemp("tiny-sim")
+    cfg = ExperimentConfig.from_run_config({**TINY_RUN, "out-dir": str(out)})
+    return run_experiment(cfg), dict(TINY_RUN)

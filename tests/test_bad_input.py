@@ -1,65 +1,174 @@
-"""Bad input: a clear error naming key, value and what is allowed, before any training."""
+"""Bad input: a clear error naming key, value and what is allowed, before anything is written.
 
+`python tests/test_bad_input.py` prints the README's "Bad input" table from the same cases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.registry import ConfigError
-from flower_p2p.server_app import preflight
 from sim.engine import run_experiment
 
-BAD = [
-    ({"topology": "hypercube"}, "topology", "one of ring, torus"),
-    ({"mixing": "laplacian"}, "mixing", "metropolis-hastings"),
-    ({"model": "resnet18"}, "model", "vit_, deit_, swin_"),
-    ({"model": "vit_no_such_model"}, "model", "vit_, deit_, swin_"),
-    ({"partitioner": "shards"}, "partitioner", "iid, dirichlet, pathological"),
-    ({"dataset": "./no/such/folder"}, "dataset", "existing local dataset folder"),
-    ({"alpha": 0.0}, "alpha", "> 0"),
-    ({"alpha": -1}, "alpha", "> 0"),
-    ({"classes-per-node": 0}, "classes-per-node", ">= 1"),
-    ({"num-nodes": 1}, "num-nodes", "at least 2 for dsgd"),
-    ({"pretrained": "/no/such/ckpt.safetensors"}, "pretrained", "existing checkpoint file"),
-    ({"strategy": "gossip"}, "strategy", "dsgd"),
-    ({"num-rounds": "ten"}, "num-rounds", "an integer"),
-    ({"lr": -0.1}, "lr", "> 0"),
-    ({"patch-size": 5}, "patch-size", "divisor of img-size=32"),
-    ({"number-of-nodes": 8}, "number-of-nodes", "a known key"),
-]
+F = "{files}"  # replaced by the folder of generated bad files
+
+# (id, override, key, value as the message shows it (None: the override's value), allowed)
+CASES = [
+    # wrong types
+    ("type-int", {"num-rounds": "ten"}, "num-rounds", None, "an integer"),
+    ("type-float", {"lr": "fast"}, "lr", None, "a number"),
+    ("type-bool", {"overwrite": "yes"}, "overwrite", None, "true or false"),
+    ("type-str", {"dataset": 5}, "dataset", None, "a string"),
+    ("type-fraction", {"batch-size": 2.5}, "batch-size", None, "an integer"),
+    # out of range
+    ("range-rounds", {"num-rounds": 0}, "num-rounds", None, "an integer >= 1"),
+    ("range-alpha", {"alpha": 0.0}, "alpha", None, "a Dirichlet concentration > 0"),
+    ("range-alpha-neg", {"alpha": -1}, "alpha", -1.0, "> 0"),
+    ("range-lr", {"lr": -0.1}, "lr", None, "a learning rate > 0"),
+    ("range-test-fraction", {"test-fraction": 1.5}, "test-fraction", None, "(0, 1)"),
+    ("range-gamma", {"strategy": "choco", "gamma": 0.0}, "gamma", None, "(0, 1]"),
+    ("range-edge-prob", {"topology": "erdos-renyi", "edge-prob": 1.5}, "edge-prob", None,
+     "a probability in (0, 1]"),
+    ("range-patch", {"patch-size": 5}, "patch-size", None, "a divisor of img-size=32"),
+    ("range-last-k", {"finetune": "last-k", "last-k": 3}, "last-k", None, "[1, 1] (blocks)"),
+    ("range-classes", {"partitioner": "pathological", "classes-per-node": 11},
+     "classes-per-node", None, "an integer in [1, 10]"),
+    ("range-degree", {"topology": "random-regular", "degree": 3, "num-nodes": 7}, "degree",
+     None, "num-nodes * degree even"),
+    ("range-torus", {"topology": "torus", "num-nodes": 7}, "topology", None,
+     "a divisor >= 2 (got prime 7)"),
+    ("gossip-one-node", {"num-nodes": 1}, "num-nodes", None, "at least 2 for dsgd"),
+    # unknown names
+    ("unknown-key", {"number-of-nodes": 8}, "number-of-nodes", None, "a known key: num-nodes"),
+    ("unknown-strategy", {"strategy": "gossip"}, "strategy", None, "one of dsgd, local, choco"),
+    ("unknown-topology", {"topology": "hypercube"}, "topology", None, "one of ring, torus"),
+    ("unknown-mixing", {"mixing": "laplacian"}, "mixing", None, "metropolis-hastings"),
+    ("unknown-model", {"model": "resnet18"}, "model", None, "starting with vit_, deit_, swin_"),
+    ("unknown-timm-model", {"model": "vit_no_such_model"}, "model", None, "vit_, deit_, swin_"),
+    ("unknown-partitioner", {"partitioner": "shards"}, "partitioner", None,
+     "one of iid, dirichlet, pathological"),
+    ("unknown-compressor", {"strategy": "choco", "compressor": "zip"}, "compressor", None,
+     "one of none, top-k, random-k, 8bit"),
+    ("unknown-share", {"share": "heads"}, "share", None, "comma-separated groups of all, head"),
+    ("unknown-finetune", {"finetune": "partial"}, "finetune", None, "one of full, head, last-k"),
+    ("unknown-column", {"label-column": "target"}, "label-column", None,
+     "a column of the dataset: image, label"),
+    ("unknown-hub-dataset", {"dataset": "no-such-hub-dataset-xyz"}, "dataset", None,
+     "hub dataset"),
+    # unreadable files
+    ("missing-dataset", {"dataset": "./no/such/folder"}, "dataset", None,
+     "an existing local dataset folder"),
+    ("empty-dataset", {"dataset": f"{F}/empty"}, "dataset", f"{F}/empty",
+     "a readable dataset folder"),
+    ("missing-checkpoint", {"pretrained": "/no/such/ckpt.safetensors"}, "pretrained", None,
+     "an existing checkpoint file"),
+    ("garbage-checkpoint", {"pretrained": f"{F}/garbage.safetensors"}, "pretrained", None,
+     "a readable checkpoint"),
+    ("missing-edge-list", {"topology": "./no/such/edges.txt"}, "topology", None,
+     "an existing edge-list file"),
+    ("binary-edge-list", {"topology": f"{F}/binary.txt", "num-nodes": 3}, "topology",
+     f"{F}/binary.txt", "a readable UTF-8 edge-list file"),
+    ("garbled-edge-list", {"topology": f"{F}/garbled.txt", "num-nodes": 3}, "topology",
+     f"{F}/garbled.txt:1: 'zero one'", "lines of two integer node ids"),
+    # edge lists
+    ("self-loop", {"topology": f"{F}/self-loop.txt", "num-nodes": 3}, "topology",
+     f"{F}/self-loop.txt:3: self-loop 2-2", "no self-loops"),
+    ("unknown-node", {"topology": f"{F}/unknown-node.txt", "num-nodes": 3}, "topology",
+     f"{F}/unknown-node.txt:3: edge 2-7", "node ids in [0, 2] (num-nodes)"),
+    ("disconnected", {"topology": f"{F}/disconnected.txt", "num-nodes": 4}, "topology", None,
+     "a connected graph (components: [[0, 1], [2, 3]])"),
+    # checkpoints that do not match the model
+    ("checkpoint-shape", {"pretrained": f"{F}/wider.safetensors"}, "pretrained", None,
+     "a checkpoint matching model=vit_tiny_patch16_224"),
+    # datasets
+    ("no-label-column", {"dataset": f"{F}/no-label"}, "label-column", "auto",
+     "none of label, fine_label, labels, coarse_label is among the dataset's columns (image)"),
+    ("more-nodes-than-samples", {"num-nodes": 1500}, "num-nodes", None,
+     "at most 1437 (training samples of digits)"),
+    ("more-nodes-than-samples-local", {"dataset": f"{F}/twenty", "num-nodes": 30}, "num-nodes",
+     None, "at most 16 (training samples of"),
+]  # fmt: skip
+
+BASE = {"num-rounds": 1, "depth": 1}  # anything wrongly accepted would stay short
 
 
-@pytest.mark.parametrize(
-    ("override", "key", "allowed"),
-    BAD,
-    ids=[b[1] + "-" + str(b[0][b[1]] if b[1] in b[0] else "") for b in BAD],
-)
-def test_config_errors_name_key_value_and_allowed(override, key, allowed):
+def make_bad_files(folder: Path) -> Path:
+    """Unreadable, garbled and mismatching files and datasets for the cases above."""
+    import datasets
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty").mkdir(exist_ok=True)
+    (folder / "garbage.safetensors").write_bytes(b"\x7f" * 64)
+    (folder / "binary.txt").write_bytes(b"\x00\xff\xfe\x01")
+    (folder / "garbled.txt").write_text("zero one\n")
+    (folder / "self-loop.txt").write_text("0 1\n1 2\n2 2\n2 0\n")
+    (folder / "unknown-node.txt").write_text("0 1\n1 2\n2 7\n")
+    (folder / "disconnected.txt").write_text("0 1\n2 3\n")
+    # a checkpoint of a wider ViT (embed dim 384 instead of ViT-tiny's 192)
+    import timm
+
+    wider = timm.create_model(
+        "vit_small_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=10
+    )
+    state = {k: v.contiguous() for k, v in wider.state_dict().items()}
+    save_file(state, str(folder / "wider.safetensors"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(20)]
+    image = datasets.Image()
+    no_label = datasets.Dataset.from_dict({"image": images}).cast_column("image", image)
+    no_label.save_to_disk(str(folder / "no-label"))
+    twenty = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(20)]})
+    twenty.cast_column("image", image).save_to_disk(str(folder / "twenty"))
+    return folder
+
+
+def _fill(value, files: Path):
+    return value.replace(F, str(files)) if isinstance(value, str) else value
+
+
+def refuse(override: dict, files: Path, out: Path) -> ConfigError:
+    """Parse, validate and run ``override`` the way `python -m sim run` does; the error."""
+    run_config = {**BASE, **{k: _fill(v, files) for k, v in override.items()}}
+    run_config = {"out-dir": str(out), "overwrite": True, **run_config}
     with pytest.raises(ConfigError) as err:
-        ExperimentConfig.from_run_config(override)
-    message = str(err.value)
-    value = next(iter(override.values()))
-    assert message.startswith(f"{key}={value!r}")
-    assert allowed in message
+        run_experiment(ExperimentConfig.from_run_config(run_config))
+    return err.value
 
 
-@pytest.mark.parametrize(
-    ("override", "match"),
-    [
-        (
-            {"partitioner": "pathological", "classes-per-node": 11},
-            r"classes-per-node=11 .*\[1, 10\]",
-        ),
-        ({"num-nodes": 1500}, r"num-nodes=1500 .*at most 1437"),
-        (
-            {"dataset": "no-such-hub-dataset-xyz"},
-            r"dataset='no-such-hub-dataset-xyz' .*hub dataset",
-        ),
-        ({"topology": "random-regular", "degree": 3, "num-nodes": 7}, r"degree=3 .*even"),
-    ],
-)
-def test_errors_found_by_preflight(override, match):
-    cfg = ExperimentConfig.from_run_config(override)
-    with pytest.raises(ConfigError, match=match):
-        preflight(cfg)
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return make_bad_files(tmp_path_factory.mktemp("bad-files"))
+
+
+@pytest.mark.parametrize(("override", "key", "value", "allowed"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_bad_config_is_refused_before_anything_is_written(
+    override, key, value, allowed, bad_files, tmp_path
+):
+    # Even with overwrite=true, an existing results folder is not touched by a refused run.
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    err = refuse(override, bad_files, out)
+    shown = _fill(value, bad_files) if value is not None else _fill(override[key], bad_files)
+    assert str(err).startswith(f"{key}={shown!r} is not allowed: "), str(err)
+    assert allowed in err.allowed, str(err)
+    assert [p.name for p in out.iterdir()] == ["metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_cases_span_the_kinds_of_bad_input():
+    kinds = {c[0].split("-")[0] for c in CASES}
+    assert len(CASES) >= 20
+    assert {"type", "range", "unknown", "self", "checkpoint", "no", "more"} <= kinds
 
 
 def test_refused_before_anything_is_written(tmp_path):
@@ -75,3 +184,33 @@ def test_existing_results_are_not_overwritten(tmp_path):
     with pytest.raises(ConfigError, match=r"out-dir=.*overwrite=true"):
         run_experiment(ExperimentConfig(out_dir=str(tmp_path), num_rounds=1, depth=1))
     assert (tmp_path / "metrics.jsonl").read_text() == "precious\n"
+
+
+def markdown_table(files: Path) -> str:
+    """The README's "Bad input" table: key, example bad value, the message the code prints."""
+    import tempfile
+
+    rows = ["| key | bad value | message |", "|---|---|---|"]
+    for _, override, key, _, _ in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            with pytest.raises(ConfigError) as err:
+                run_config = {**BASE, **{k: _fill(v, files) for k, v in override.items()}}
+                run_config["out-dir"] = str(Path(tmp) / "out")
+                run_experiment(ExperimentConfig.from_run_config(run_config))
+        others = " ".join(f"{k}={v}" for k, v in override.items() if k != key)
+        shown = json.dumps(override[key]) if key in override else "(auto)"
+        shown = (shown + (f" with {others}" if others else "")).replace(F, "<dir>")
+        message = str(err.value).replace(str(files), "<dir>").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{shown}` | {message} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import os
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(markdown_table(make_bad_files(Path(tmp) / "files")))
