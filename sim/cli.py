@@ -2,6 +2,7 @@
 
 python -m sim run [key=value ...]       one experiment (same keys as the run config)
 python -m sim compare [key=value ...]   gossip vs local vs centralized on the same budget
+python -m sim pretrain [key=value ...]  pretrain a backbone on a source task -> checkpoint
 python -m sim plot <run-folder>         regenerate the plots from saved metrics
 python -m sim table <folder>            table and accuracy-vs-MB plot over finished runs
 """
@@ -62,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("overrides", nargs="*", help="run-config key=value pairs")
         p.add_argument("--verbose", action="store_true")
+    p = sub.add_parser("pretrain", help="train a backbone on a source task, write a checkpoint")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="source=rotation|supervised source-dataset=... epochs=N checkpoint=PATH.safetensors, "
+        "plus run-config keys (model, img-size, depth, lr, ...)",
+    )
     p = sub.add_parser("plot")
     p.add_argument("folder")
     p = sub.add_parser("table", help="table + accuracy-vs-MB plot over the runs in a folder")
@@ -81,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             out = compare(config_from_args(args.overrides), verbose=args.verbose)
             print((out / "compare.md").read_text())
             print(out)
+        elif args.command == "pretrain":
+            from sim.pretrain import pretrain_from_args, sidecar_path
+
+            path = pretrain_from_args(parse_overrides(args.overrides))
+            print(sidecar_path(path).read_text())
+            print(path)
         elif args.command == "table":
             from sim.table import plot_accuracy_vs_mb, write_table
 
