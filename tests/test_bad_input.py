@@ -17,6 +17,7 @@ BAD = [
     ({"alpha": 0.0}, "alpha", "> 0"),
     ({"alpha": -1}, "alpha", "> 0"),
     ({"classes-per-node": 0}, "classes-per-node", ">= 1"),
+    ({"unseen-layout": "ring"}, "unseen-layout", "neighbours-share, disjoint-neighbours"),
     ({"num-nodes": 1}, "num-nodes", "at least 2 for dsgd"),
     ({"pretrained": "/no/such/ckpt.safetensors"}, "pretrained", "existing checkpoint file"),
     ({"strategy": "gossip"}, "strategy", "dsgd"),
@@ -49,6 +50,10 @@ def test_config_errors_name_key_value_and_allowed(override, key, allowed):
             r"classes-per-node=11 .*\[1, 10\]",
         ),
         ({"num-nodes": 1500}, r"num-nodes=1500 .*at most 1437"),
+        (
+            {"partitioner": "unseen", "classes-per-node": 1},
+            r"classes-per-node=1 .*8 nodes x 1 classes cannot cover all 10",
+        ),
         (
             {"dataset": "no-such-hub-dataset-xyz"},
             r"dataset='no-such-hub-dataset-xyz' .*hub dataset",
