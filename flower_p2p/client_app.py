@@ -74,6 +74,8 @@ def _metrics(result: RoundResult, sent: int) -> MetricRecord:
               "train_s": result.train_s, "eval_s": result.eval_s}  # fmt: skip
     if result.accuracy is not None:
         values.update(accuracy=result.accuracy, loss=result.loss)
+    if result.unseen_accuracy is not None:  # a MetricRecord holds no None: absent means none
+        values["unseen_accuracy"] = result.unseen_accuracy
     return MetricRecord(values)
 
 

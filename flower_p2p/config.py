@@ -41,6 +41,7 @@ class ExperimentConfig:
     partitioner: str = "dirichlet"
     alpha: float = 0.5
     classes_per_node: int = 2
+    unseen_layout: str = "neighbours-share"
     model: str = "vit_tiny_patch16_224"
     img_size: int = 32
     patch_size: int = 8
@@ -100,6 +101,7 @@ class ExperimentConfig:
         from flower_p2p.models import FINETUNE_MODES, PARAM_GROUPS, check_model_name
         from flower_p2p.schedules import SCHEDULES, check_schedule, is_schedule
         from flower_p2p.topology import GRAPHS, MIXINGS
+        from flower_p2p.unseen import UNSEEN_LAYOUTS
         from strategies import strategy_names
 
         _positive("num-nodes", self.num_nodes, minimum=1)
@@ -129,6 +131,7 @@ class ExperimentConfig:
         if not self.alpha > 0:
             raise ConfigError("alpha", self.alpha, "a Dirichlet concentration > 0")
         _positive("classes-per-node", self.classes_per_node)
+        UNSEEN_LAYOUTS.get(self.unseen_layout)
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError("test-fraction", self.test_fraction, "a fraction in (0, 1)")
         check_dataset_spec(self.dataset)

@@ -35,6 +35,7 @@ from torchvision import transforms
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.registry import ConfigError, Registry
+from flower_p2p.unseen import unseen_partitioner
 
 PARTITIONERS: Registry = Registry("partitioner")
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -74,6 +75,14 @@ def _pathological(cfg: ExperimentConfig, label_column: str, num_classes: int) ->
         num_classes_per_partition=cfg.classes_per_node,
         class_assignment_mode="random",
         seed=cfg.seed,
+    )
+
+
+@PARTITIONERS.register("unseen")
+def _unseen(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
+    # Every class held by some node, each node exactly classes-per-node of them (unseen.py).
+    return unseen_partitioner(
+        cfg.num_nodes, num_classes, cfg.classes_per_node, cfg.unseen_layout, label_column, cfg.seed
     )
 
 
@@ -173,7 +182,7 @@ def _class_names(ds: Dataset, label_column: str) -> tuple[str, ...]:
 def _data_key(cfg: ExperimentConfig) -> tuple:
     return (
         cfg.dataset, cfg.image_column, cfg.label_column, cfg.test_fraction, cfg.partitioner,
-        cfg.alpha, cfg.classes_per_node, cfg.num_nodes, cfg.seed,
+        cfg.alpha, cfg.classes_per_node, cfg.unseen_layout, cfg.num_nodes, cfg.seed,
     )  # fmt: skip
 
 

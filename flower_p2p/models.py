@@ -8,6 +8,7 @@ dataset's classes. Only parameters that the ``finetune`` mode makes trainable ev
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -93,6 +94,26 @@ def _first_problem(err: Exception) -> str:
     return lines[0].rstrip(".") + more
 
 
+def check_checkpoint_architecture(path: Path, cfg: ExperimentConfig) -> None:
+    """Refuse a checkpoint whose sidecar names another architecture than ``cfg``'s.
+
+    ``sim pretrain`` writes the sidecar ``<checkpoint>.json``. Without this check timm would
+    resample position embeddings and patch projections to fit, and fine-tune another model.
+    """
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        return  # a foreign checkpoint: the strict load below checks the shapes
+    meta = json.loads(sidecar.read_text())
+    mine = json.loads(json.dumps(architecture_overrides(cfg)))  # tuples -> lists, as stored
+    if meta.get("model") != cfg.model or meta.get("overrides") != mine:
+        raise ConfigError(
+            "pretrained",
+            str(path),
+            f"a checkpoint of model={cfg.model} {mine}; it was trained as "
+            f"model={meta.get('model')} {meta.get('overrides')} (see {sidecar.name})",
+        )
+
+
 def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """Build the model for ``cfg`` with a freshly initialised ``num_classes`` head.
 
@@ -116,6 +137,7 @@ def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
             path = Path(cfg.pretrained).expanduser()
             if not path.is_file():
                 raise ConfigError("pretrained", cfg.pretrained, "an existing checkpoint file")
+            check_checkpoint_architecture(path, cfg)
             classifier = timm.models.get_pretrained_cfg(cfg.model).classifier
             # Build with the checkpoint's own head size so timm loads strictly (a differing
             # num_classes makes timm drop the head *and* silently accept missing blocks).

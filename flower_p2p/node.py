@@ -34,6 +34,7 @@ from flower_p2p.training import (
     pick_device,
     train_epochs,
 )
+from flower_p2p.unseen import unseen_class_accuracy
 from strategies import GossipAlgorithm, Params, State
 
 CENTRALIZED_NODE = 0
@@ -55,6 +56,8 @@ class NodeRuntime:
         train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]
         self.train_x, self.train_y = to_tensors(train, bundle, transform)
         self.test_x, self.test_y = to_tensors(bundle.test, bundle, transform)
+        # The classes this node trains on; test samples of the others are its "unseen" ones.
+        self.seen_classes = torch.unique(self.train_y)
 
     def optimizer(self, blob: bytes | None, rnd: int) -> torch.optim.Optimizer:
         """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
@@ -87,6 +90,8 @@ class RoundResult:
     train_loss: float
     accuracy: float | None = None
     loss: float | None = None
+    # accuracy on test classes absent from the node's training data (None: it has them all)
+    unseen_accuracy: float | None = None
     train_s: float = 0.0
     eval_s: float = 0.0
 
@@ -156,8 +161,9 @@ def run_round(
                          train_loss=float("nan"))  # fmt: skip
     if do_eval:
         t0 = time.perf_counter()
-        acc, loss, _ = evaluate(rt.model, rt.test_x, rt.test_y, 256, rt.device)
+        acc, loss, pred = evaluate(rt.model, rt.test_x, rt.test_y, 256, rt.device)
         result.accuracy, result.loss, result.eval_s = acc, loss, time.perf_counter() - t0
+        result.unseen_accuracy = unseen_class_accuracy(pred, rt.test_y, rt.seen_classes)
     if not train:
         return result
     t0 = time.perf_counter()

@@ -110,8 +110,8 @@ class Recorder:
         """Merge values into the record of (round, node)."""
         rec = self.records.setdefault(
             (rnd, node),
-            {"round": rnd, "node": node, "accuracy": None, "loss": None, "train_loss": None,
-             "bytes_sent": 0},
+            {"round": rnd, "node": node, "accuracy": None, "unseen_accuracy": None, "loss": None,
+             "train_loss": None, "bytes_sent": 0},
         )  # fmt: skip
         rec.update(values)
 
@@ -121,13 +121,9 @@ class Recorder:
         write_jsonl(self.out / "metrics.jsonl", ordered)
         write_jsonl(self.out / "network.jsonl", self.network)
 
-    def round_accuracies(self, rnd: int) -> list[float]:
-        """Accuracies recorded for round ``rnd``."""
-        return [
-            r["accuracy"]
-            for (t, _), r in self.records.items()
-            if t == rnd and r["accuracy"] is not None
-        ]
+    def round_accuracies(self, rnd: int, key: str = "accuracy") -> list[float]:
+        """Accuracies (or another metric ``key``) recorded for round ``rnd``."""
+        return [r[key] for (t, _), r in self.records.items() if t == rnd and r[key] is not None]
 
 
 def neighbour_inbox(
@@ -198,7 +194,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
                 raise RuntimeError(f"node {pid} failed in round {rnd}: {reply.error.reason}")
             m = reply.content.metric_records["metrics"]
             if evaluate:
-                rec.update(rnd - 1, pid, accuracy=m["accuracy"], loss=m["loss"])
+                rec.update(rnd - 1, pid, accuracy=m["accuracy"], loss=m["loss"],
+                           unseen_accuracy=m.get("unseen_accuracy"))  # fmt: skip
             if kind == MessageType.TRAIN:
                 payload = reply.content.array_records["out"]
                 if len(payload):
@@ -254,6 +251,8 @@ def summarize(
 ) -> dict:
     """Final figures of a run (accuracy after the last round, bytes, spectral gap, time)."""
     accs = rec.round_accuracies(cfg.num_rounds)
+    # over the nodes that lack some class (None when every node has seen every class)
+    unseen = rec.round_accuracies(cfg.num_rounds, "unseen_accuracy")
     return {
         "strategy": cfg.strategy,
         # fedavg and centralized are references, not peer-to-peer learning
@@ -263,6 +262,8 @@ def summarize(
         "accuracy_mean": float(np.mean(accs)),
         "accuracy_min": float(np.min(accs)),
         "accuracy_max": float(np.max(accs)),
+        "unseen_accuracy_mean": float(np.mean(unseen)) if unseen else None,
+        "unseen_accuracy_min": float(np.min(unseen)) if unseen else None,
         # time-varying schedules: the gap of one period's product (None for random matchings)
         "spectral_gap": (
             period_spectral_gap(cfg)

@@ -3,6 +3,7 @@
 python -m sim run [key=value ...]       one experiment (same keys as the run config)
 python -m sim compare [key=value ...]   gossip vs local vs centralized on the same budget
 python -m sim sweep <file.toml>         a grid of run configs x seeds, a mean +- std table
+python -m sim pretrain [key=value ...]  pretrain a backbone on a source task -> checkpoint
 python -m sim plot <folder>             regenerate every plot of a run, compare or sweep folder
 python -m sim table <folder>            table and accuracy-vs-MB plot over finished runs
 """
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="sweep folder (default: next to the TOML file)")
     p.add_argument("--no-plots", action="store_true", help="table only (plot later: sim plot)")
     p.add_argument("--verbose", action="store_true")
+    p = sub.add_parser("pretrain", help="train a backbone on a source task, write a checkpoint")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="source=rotation|supervised source-dataset=... epochs=N checkpoint=PATH.safetensors, "
+        "plus run-config keys (model, img-size, depth, lr, ...)",
+    )
     p = sub.add_parser("plot", help="regenerate every plot of a run, compare or sweep folder")
     p.add_argument("folder")
     p = sub.add_parser("table", help="table + accuracy-vs-MB plot over the runs in a folder")
@@ -94,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                             plot=not args.no_plots)  # fmt: skip
             print((out / "sweep.md").read_text())
             print(out)
+        elif args.command == "pretrain":
+            from sim.pretrain import pretrain_from_args, sidecar_path
+
+            path = pretrain_from_args(parse_overrides(args.overrides))
+            print(sidecar_path(path).read_text())
+            print(path)
         elif args.command == "table":
             from sim.table import plot_accuracy_vs_mb, write_table
 

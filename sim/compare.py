@@ -39,12 +39,25 @@ def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
     return out
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
 def write_table(out: Path, summaries: dict[str, dict]) -> None:
-    """compare.md and compare.csv: final mean / worst node accuracy, MB per node, time."""
-    header = ["strategy", "mean acc (%)", "worst node acc (%)", "MB sent per node", "wall (s)"]
-    rows = [
-        [name, f"{100 * s['accuracy_mean']:.2f}", f"{100 * s['accuracy_min']:.2f}",
-         f"{s['mean_bytes_sent_per_node'] / 1e6:.2f}", f"{s['wall_s']:.0f}"]
-        for name, s in summaries.items()
-    ]  # fmt: skip
+    """compare.md and compare.csv: final mean / worst node accuracy, MB per node, time.
+
+    When some node lacked classes, also the accuracy on those unseen classes (mean and worst
+    node; "–" for a run whose nodes saw every class, e.g. the centralized reference).
+    """
+    unseen = any(s.get("unseen_accuracy_mean") is not None for s in summaries.values())
+    header = ["strategy", "mean acc (%)", "worst node acc (%)"]
+    if unseen:
+        header += ["mean unseen-class acc (%)", "worst node unseen-class acc (%)"]
+    header += ["MB sent per node", "wall (s)"]
+    rows = []
+    for name, s in summaries.items():
+        row = [name, _pct(s["accuracy_mean"]), _pct(s["accuracy_min"])]
+        if unseen:
+            row += [_pct(s.get("unseen_accuracy_mean")), _pct(s.get("unseen_accuracy_min"))]
+        rows.append([*row, f"{s['mean_bytes_sent_per_node'] / 1e6:.2f}", f"{s['wall_s']:.0f}"])
     write_md_and_csv(out, "compare", header, rows)

@@ -22,12 +22,13 @@ from flower_p2p.node import (
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
-    """Run ``cfg`` in-process; returns per-round node accuracies and wall time."""
+    """Run ``cfg`` in-process; returns per-round node (and unseen-class) accuracies, wall time."""
     algo = algorithm_for(cfg)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     state = {p: (None, None, None) for p in nodes}
     outbox: dict[int, dict] = {}
     acc: dict[int, list[float]] = {}
+    unseen: dict[int, list[float]] = {}
     start = time.perf_counter()
     for rnd in range(1, cfg.num_rounds + 2):
         final = rnd == cfg.num_rounds + 1
@@ -46,7 +47,12 @@ def run_plain(cfg: ExperimentConfig) -> dict:
                 new_out[p] = res.message
             if res.accuracy is not None:
                 acc.setdefault(rnd - 1, []).append(res.accuracy)
+            if res.unseen_accuracy is not None:
+                unseen.setdefault(rnd - 1, []).append(res.unseen_accuracy)
         outbox = new_out
-    return {"accuracy": acc, "wall_s": time.perf_counter() - start,
+    last = unseen.get(cfg.num_rounds)
+    return {"accuracy": acc, "unseen_accuracy": unseen, "wall_s": time.perf_counter() - start,
             "final_mean": float(np.mean(acc[cfg.num_rounds])),
-            "final_min": float(np.min(acc[cfg.num_rounds]))}  # fmt: skip
+            "final_min": float(np.min(acc[cfg.num_rounds])),
+            "final_unseen_mean": float(np.mean(last)) if last else None,
+            "final_unseen_min": float(np.min(last)) if last else None}  # fmt: skip

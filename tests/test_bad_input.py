@@ -44,6 +44,8 @@ CASES = [
      None, "num-nodes * degree even"),
     ("range-torus", {"topology": "torus", "num-nodes": 7}, "topology", None,
      "a divisor >= 2 (got prime 7)"),
+    ("range-unseen-cover", {"partitioner": "unseen", "classes-per-node": 1}, "classes-per-node",
+     None, "8 nodes x 1 classes cannot cover all 10"),
     ("gossip-one-node", {"num-nodes": 1}, "num-nodes", None, "at least 2 for dsgd"),
     # unknown names
     ("unknown-key", {"number-of-nodes": 8}, "number-of-nodes", None, "a known key: num-nodes"),
@@ -54,6 +56,8 @@ CASES = [
     ("unknown-timm-model", {"model": "vit_no_such_model"}, "model", None, "vit_, deit_, swin_"),
     ("unknown-partitioner", {"partitioner": "shards"}, "partitioner", None,
      "one of iid, dirichlet, pathological"),
+    ("unknown-unseen-layout", {"unseen-layout": "ring"}, "unseen-layout", None,
+     "neighbours-share, disjoint-neighbours"),
     ("unknown-compressor", {"strategy": "choco", "compressor": "zip"}, "compressor", None,
      "one of none, top-k, random-k, 8bit"),
     ("unknown-share", {"share": "heads"}, "share", None, "comma-separated groups of all, head"),
