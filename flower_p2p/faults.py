@@ -68,8 +68,8 @@ def fault_plan(cfg, rnd: int) -> FaultPlan:  # cfg: ExperimentConfig
     else:
         dropped = frozenset(int(i) for i in np.flatnonzero(u_drop < cfg.node_dropout))
         slow = frozenset(int(i) for i in np.flatnonzero(u_slow < cfg.straggler)) - dropped
-    # u_link[i, j]: the message from j to i
-    receivers, senders = np.nonzero(u_link < cfg.link_drop)
+    # u_link[i, j]: the message from j to i (the diagonal is drawn but is not a link)
+    receivers, senders = np.nonzero((u_link < cfg.link_drop) & ~np.eye(n, dtype=bool))
     lost = frozenset((int(j), int(i)) for i, j in zip(receivers, senders, strict=True))
     return FaultPlan(dropped=dropped, stragglers=slow, lost=lost)
 
