@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from flower_p2p.checkpoint import (
@@ -229,8 +230,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
         failed = []
         for reply in grid.send_and_receive(msgs) if msgs else []:
             pid = pid_of[reply.metadata.src_node_id]
-            if reply.has_error():  # the node counts as dropped for this round
-                faults.error(pid, rnd, reply.error.reason)
+            if reply.has_error():
+                if reply.error.code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
+                    # Not the node's code but the runtime (e.g. Ray killed a worker when memory
+                    # ran out): later rounds would fail too, so stop rather than train nothing.
+                    raise RuntimeError(
+                        f"the simulation runtime failed for node {pid} in round {rnd}: "
+                        f"{reply.error.reason}"
+                        + ("; continue with resume=true" if cfg.checkpoint_every else "")
+                    )
+                faults.error(pid, rnd, reply.error.reason)  # counts as dropped for this round
                 failed.append(pid)
                 continue
             m = reply.content.metric_records["metrics"]
