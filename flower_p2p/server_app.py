@@ -1,7 +1,10 @@
 """ServerApp: only the network. It relays each node's message to that node's neighbours.
 
 It never combines models. From what it relays it computes one monitoring figure (consensus
-distance), which nothing feeds back into training. It also writes the results folder.
+distance), which nothing feeds back into training. As the network it also decides the faults
+of a simulated run (``flower_p2p.faults``: dropped nodes get no message, lost messages are not
+delivered). It writes the results folder and, every ``checkpoint-every`` rounds, has the nodes
+and then itself write a checkpoint (``flower_p2p.checkpoint``).
 """
 
 from __future__ import annotations
