@@ -1,5 +1,7 @@
 """Faults decided from (seed, round): reproducible, at the configured rates, delivered per link."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -119,11 +121,16 @@ def test_missing_weight_stays_with_the_node_so_expected_mixing_is_doubly_stochas
     assert np.allclose(expected.sum(axis=0), 1.0, atol=0.03)
 
 
+@pytest.mark.skipif(
+    os.environ.get("FLOWER_P2P_SLOW") != "1",
+    reason="minutes on 2 cores (two converged runs); set FLOWER_P2P_SLOW=1 to run it",
+)
 def test_dsgd_with_10_percent_link_drops_and_dropout_ends_within_2_points():
     """The issue's check on a reduced digits experiment that converges (the plain loop).
 
     Measured on the 2-core machine: 95.07 % fault-free, 95.69 % with the faults (12 dropouts,
-    13 lost messages). The default experiment itself is measured in the README.
+    13 lost messages). The default experiment itself is measured in the README. Too slow for
+    every CI run (18 min on the shared machine under heavy load, over 9.5 min at load 4).
     """
     from sim.loop import run_plain
 
