@@ -7,6 +7,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flower_p2p.checkpoint import node_file, read_node_state, write_node_state
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.node import RoundResult, algorithm_for, mixing_inputs, node_runtime, run_round
 from flower_p2p.results import node_params_path, write_params
@@ -58,7 +59,9 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
         do_eval=bool(config["evaluate"]),
         train=train,
         combine_kwargs=combine_kwargs,
+        steps_fraction=float(config["steps-fraction"]) if "steps-fraction" in config else 1.0,
     )
+    # Only a round that completed changes the state: a node that raises keeps the one it had.
     state[STATE_PARAMS] = to_record(result.params)
     state[STATE_ALGO] = to_record(result.state)
     state[STATE_OPTIM] = ConfigRecord({"blob": result.optimizer})
@@ -98,6 +101,38 @@ def evaluate(msg: Message, context: Context) -> Message:
         params = from_record(context.state.array_records[STATE_PARAMS])
         write_params(node_params_path(Path(str(final_dir)), _partition_id(context)), params)
     return reply
+
+
+@app.query("checkpoint")
+def checkpoint(msg: Message, context: Context) -> Message:
+    """Write this node's state into the checkpoint folder the relay names."""
+    state = context.state
+    folder = Path(str(msg.content.config_records["config"]["path"]))
+    write_node_state(
+        node_file(folder, _partition_id(context)),
+        from_record(state.array_records[STATE_PARAMS]) if STATE_PARAMS in state else None,
+        from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state else None,
+        state.config_records[STATE_OPTIM]["blob"] if STATE_OPTIM in state else None,
+    )
+    return Message(RecordDict(), reply_to=msg)
+
+
+@app.query("restore")
+def restore(msg: Message, context: Context) -> Message:
+    """Replace this node's state with the one saved in the checkpoint folder the relay names."""
+    folder = Path(str(msg.content.config_records["config"]["path"]))
+    params, algo, blob = read_node_state(node_file(folder, _partition_id(context)))
+    state = context.state
+    for key, value in ((STATE_PARAMS, params), (STATE_ALGO, algo)):
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = to_record(value)
+    if blob is None:
+        state.pop(STATE_OPTIM, None)
+    else:
+        state[STATE_OPTIM] = ConfigRecord({"blob": blob})
+    return Message(RecordDict(), reply_to=msg)
 
 
 __all__ = ["app"]

@@ -64,6 +64,13 @@ class ExperimentConfig:
     seed: int = 0
     out_dir: str = ""
     overwrite: bool = False
+    node_dropout: float = 0.0
+    link_drop: float = 0.0
+    straggler: float = 0.0
+    straggler_fraction: float = 0.5
+    fail_every: int = 0
+    checkpoint_every: int = 0
+    resume: bool = False
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -174,6 +181,16 @@ class ExperimentConfig:
         _positive("eval-every", self.eval_every)
         if self.seed < 0:
             raise ConfigError("seed", self.seed, "an integer >= 0")
+        for key in ("node-dropout", "link-drop", "straggler"):
+            prob = getattr(self, key.replace("-", "_"))
+            if not 0.0 <= prob < 1.0:
+                raise ConfigError(key, prob, "a probability in [0, 1)")
+        if not 0.0 < self.straggler_fraction <= 1.0:
+            raise ConfigError("straggler-fraction", self.straggler_fraction, "a fraction in (0, 1]")
+        _positive("fail-every", self.fail_every, minimum=0)
+        _positive("checkpoint-every", self.checkpoint_every, minimum=0)
+        if self.resume and not self.out_dir:
+            raise ConfigError("resume", self.resume, "false, or true with out-dir naming the run")
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -16,6 +16,7 @@ import torch
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import load_data, make_transform, to_tensors
+from flower_p2p.faults import check_injected_failure, local_steps
 from flower_p2p.models import (
     apply_finetune,
     create_model,
@@ -139,11 +140,13 @@ def run_round(
     do_eval: bool,
     train: bool = True,
     combine_kwargs: dict | None = None,
+    steps_fraction: float = 1.0,
 ) -> RoundResult:
     """Combine -> (evaluate) -> train -> message, for round ``rnd`` (1-based) at ``rt.node``.
 
     Evaluation happens on the combined model, i.e. the node's model after ``rnd - 1`` full rounds.
-    With ``train=False`` (the final evaluation) no training happens and nothing is sent.
+    With ``train=False`` (the final evaluation) no training happens and nothing is sent. A
+    straggler gets ``steps_fraction < 1`` and takes that fraction of its local steps.
     """
     if params is None:
         params = rt.initial_params
@@ -166,12 +169,12 @@ def run_round(
         result.unseen_accuracy = unseen_class_accuracy(pred, rt.test_y, rt.seen_classes)
     if not train:
         return result
+    cfg = rt.cfg
+    check_injected_failure(cfg, rt.node, rnd)
     t0 = time.perf_counter()
     opt = rt.optimizer(optimizer_blob, rnd)
-    cfg = rt.cfg
     gen = round_generator(cfg.seed, rt.node, rnd)
-    # The centralized reference takes every node's steps itself: same optimizer-step budget.
-    steps = cfg.local_steps * (cfg.num_nodes if cfg.strategy == "centralized" else 1)
+    steps = local_steps(cfg, len(rt.train_y), steps_fraction)
     result.train_loss = train_epochs(
         rt.model, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
         steps=steps,

@@ -1,34 +1,45 @@
 """ServerApp: only the network. It relays each node's message to that node's neighbours.
 
 It never combines models. From what it relays it computes one monitoring figure (consensus
-distance), which nothing feeds back into training. It also writes the results folder.
+distance), which nothing feeds back into training. As the network it also decides the faults
+of a simulated run (``flower_p2p.faults``: dropped nodes get no message, lost messages are not
+delivered). It writes the results folder and, every ``checkpoint-every`` rounds, has the nodes
+and then itself write a checkpoint (``flower_p2p.checkpoint``).
 """
 
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from flower_p2p.checkpoint import (
+    commit,
+    open_out_dir,
+    remove_temp_files,
+    round_dir,
+    write_relay_state,
+)
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import load_data
+from flower_p2p.faults import FaultLog, deliver, fault_plan
 from flower_p2p.models import apply_finetune, create_model, param_group, shared_names
 from flower_p2p.node import CENTRALIZED_NODE, algorithm_for, senders
 from flower_p2p.results import (
     FINAL_DIR,
     package_versions,
-    prepare_out_dir,
     resolve_out_dir,
     write_json,
     write_jsonl,
 )
 from flower_p2p.schedules import period_spectral_gap, topology_at
-from flower_p2p.wire import from_record, pack_inbox
+from flower_p2p.wire import from_record, pack_inbox, to_record
 
 app = ServerApp()
 
@@ -139,9 +150,10 @@ def _train_message(
     inbox: dict[int, ArrayRecord],
     node_id: int,
     kind: str,
+    steps_fraction: float = 1.0,
     final_dir: str = "",
 ) -> Message:
-    config = {"round": rnd, "evaluate": evaluate}
+    config = {"round": rnd, "evaluate": evaluate, "steps-fraction": steps_fraction}
     if final_dir:  # the final evaluation: nodes save their model there (for `sim plot`)
         config["final-dir"] = final_dir
     content = RecordDict({"config": ConfigRecord(config)})
@@ -149,15 +161,35 @@ def _train_message(
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
+def _ask_every_node(grid: Grid, node_ids: dict[int, int], action: str, path: Path) -> list[str]:
+    """Send a ``query.<action>`` naming ``path`` to every node; the errors of those that failed."""
+    msgs = [
+        Message(RecordDict({"config": ConfigRecord({"path": str(path)})}), dst_node_id=nid,
+                message_type=f"{MessageType.QUERY}.{action}")
+        for nid in node_ids.values()
+    ]  # fmt: skip
+    pid_of = {nid: pid for pid, nid in node_ids.items()}
+    replies = list(grid.send_and_receive(msgs))
+    errors = [
+        f"node {pid_of[r.metadata.src_node_id]}: {r.error.reason}" for r in replies if r.has_error()
+    ]
+    if len(replies) < len(msgs):
+        errors.append(f"{len(msgs) - len(replies)} node(s) did not reply")
+    return errors
+
+
 def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     """Run every round through ``grid`` and write the results folder; returns its path."""
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
     preflight(cfg)
-    prepare_out_dir(out, cfg.overwrite)
-    write_json(
-        out / "config.json",
-        {"config": cfg.to_run_config(), "seed": cfg.seed, "versions": package_versions()},
-    )
+    resumed = open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite)
+    if resumed is None:
+        write_json(
+            out / "config.json",
+            {"config": cfg.to_run_config(), "seed": cfg.seed, "versions": package_versions()},
+        )
+    else:
+        remove_temp_files(out)
     log(INFO, "flower-p2p: strategy=%s, %d nodes, results in %s", cfg.strategy, cfg.num_nodes, out)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     node_ids = discover_nodes(grid, nodes)
@@ -173,25 +205,59 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
 
     rec = Recorder(out)
     sent = dict.fromkeys(nodes, 0)
+    faults = FaultLog()
+    # Messages sent in the last round, delivered (minus lost links) in the next one.
     last_out: dict[int, ArrayRecord] = {}
-    start = time.perf_counter()
+    first_round, elapsed = 1, 0.0
+    if resumed is not None:
+        errors = _ask_every_node(grid, node_ids, "restore", resumed.folder)
+        if errors:
+            raise RuntimeError(f"could not restore {resumed.folder}: {'; '.join(errors)}")
+        relay_state = resumed.relay
+        rec.records = {(r["round"], r["node"]): r for r in relay_state["records"]}
+        rec.network = relay_state["network"]
+        sent = {int(p): v for p, v in relay_state["sent"].items()}
+        faults = FaultLog.from_dict(relay_state["faults"])
+        last_out = {j: to_record(m) for j, m in resumed.last_out.items()}
+        first_round, elapsed = resumed.round + 1, relay_state["elapsed_s"]
+        log(INFO, "resuming after round %d from %s", resumed.round, resumed.folder)
+    else:
+        for p in nodes:
+            rec.update(0, p, bytes_sent=0)
+    start = time.perf_counter() - elapsed
 
-    def relay(rnd: int, evaluate: bool, kind: str) -> None:
-        msgs = [
-            _train_message(
-                rnd,
-                evaluate,
-                neighbour_inbox(p, senders(cfg, algo, p, rnd - 1), last_out),
-                node_ids[p],
-                kind,
-                str(out / FINAL_DIR) if kind == MessageType.EVALUATE else "",
+    def relay(rnd: int, evaluate: bool, kind: str) -> dict:
+        """One round: deliver, collect replies; returns the round's fault record."""
+        nonlocal last_out
+        plan = fault_plan(cfg, rnd)
+        faults.planned(plan)
+        active = [p for p in nodes if p not in plan.dropped]
+        msgs, lost = [], 0
+        for p in active:
+            inbox, n_lost = deliver(plan, p, senders(cfg, algo, p, rnd - 1), last_out)
+            lost += n_lost
+            fraction = cfg.straggler_fraction if p in plan.stragglers else 1.0
+            final_dir = str(out / FINAL_DIR) if kind == MessageType.EVALUATE else ""
+            msgs.append(
+                _train_message(rnd, evaluate, inbox, node_ids[p], kind, fraction, final_dir)
             )
-            for p in nodes
-        ]
-        for reply in grid.send_and_receive(msgs):
+        faults.link_drops += lost
+        new_out: dict[int, ArrayRecord] = {}
+        failed = []
+        for reply in grid.send_and_receive(msgs) if msgs else []:
             pid = pid_of[reply.metadata.src_node_id]
             if reply.has_error():
-                raise RuntimeError(f"node {pid} failed in round {rnd}: {reply.error.reason}")
+                if reply.error.code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
+                    # Not the node's code but the runtime (e.g. Ray killed a worker when memory
+                    # ran out): later rounds would fail too, so stop rather than train nothing.
+                    raise RuntimeError(
+                        f"the simulation runtime failed for node {pid} in round {rnd}: "
+                        f"{reply.error.reason}"
+                        + ("; continue with resume=true" if cfg.checkpoint_every else "")
+                    )
+                faults.error(pid, rnd, reply.error.reason)  # counts as dropped for this round
+                failed.append(pid)
+                continue
             m = reply.content.metric_records["metrics"]
             if evaluate:
                 rec.update(rnd - 1, pid, accuracy=m["accuracy"], loss=m["loss"],
@@ -199,16 +265,37 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
             if kind == MessageType.TRAIN:
                 payload = reply.content.array_records["out"]
                 if len(payload):
-                    last_out[pid] = payload
+                    new_out[pid] = payload
                 # A P2P node unicasts its message to each neighbour: that is what it sends.
                 sent[pid] += int(m["payload_bytes"]) * fan_out(pid, rnd)
                 rec.update(rnd, pid, train_loss=m["train_loss"], bytes_sent=sent[pid])
+        if kind == MessageType.TRAIN:
+            last_out = new_out
+            for p in nodes:  # dropped and failed nodes: a record with nothing trained or sent
+                rec.update(rnd, p, bytes_sent=sent[p])
+        return {"dropped": sorted(plan.dropped), "stragglers": sorted(plan.stragglers),
+                "link_drops": lost, "failed": sorted(failed)}  # fmt: skip
 
-    for p in nodes:
-        rec.update(0, p, bytes_sent=0)
-    for rnd in range(1, cfg.num_rounds + 1):
+    def checkpoint(rnd: int) -> None:
+        """Nodes write their state, then the relay its own, then the manifest commits."""
+        folder = round_dir(out, rnd)
+        errors = _ask_every_node(grid, node_ids, "checkpoint", folder)
+        if errors:
+            log(WARNING, "checkpoint after round %d skipped: %s", rnd, "; ".join(errors))
+            return
+        relay_state = {
+            "records": [rec.records[k] for k in sorted(rec.records)],
+            "network": rec.network,
+            "sent": {str(p): v for p, v in sent.items()},
+            "faults": faults.to_dict(),
+            "elapsed_s": time.perf_counter() - start,
+        }
+        write_relay_state(folder, relay_state, {j: from_record(m) for j, m in last_out.items()})
+        commit(out, rnd, cfg.to_run_config())
+
+    for rnd in range(first_round, cfg.num_rounds + 1):
         evaluate = (rnd - 1) % cfg.eval_every == 0
-        relay(rnd, evaluate, MessageType.TRAIN)
+        round_faults = relay(rnd, evaluate, MessageType.TRAIN)
         cd, by_group = None, None
         if algo.message_is_model and len(last_out) == len(nodes):
             by_group = consensus_by_group([from_record(last_out[p]) for p in nodes])
@@ -216,9 +303,11 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
         # Timings live here, not in metrics.jsonl, so that metrics.jsonl is deterministic.
         rec.network.append(
             {"round": rnd, "consensus_distance": cd, "consensus_by_group": by_group,
-             "wall_s": time.perf_counter() - start}
+             "wall_s": time.perf_counter() - start, "faults": round_faults}
         )  # fmt: skip
         rec.flush()
+        if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
+            checkpoint(rnd)
         accs = rec.round_accuracies(rnd - 1)
         if accs:  # evaluation happens every eval-every rounds, on the combined models
             log(
@@ -231,6 +320,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     relay(cfg.num_rounds + 1, True, MessageType.EVALUATE)
     rec.flush()
     summary = summarize(cfg, rec, sent, time.perf_counter() - start)
+    summary["faults"] = faults.to_dict()
     write_json(out / "summary.json", summary)
     log(
         INFO,

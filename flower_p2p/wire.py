@@ -1,11 +1,13 @@
 """What travels: numpy parameter dicts <-> Flower records, and the message layout.
 
 Server -> node ``train``/``evaluate`` message content:
-  ``config``      ConfigRecord: round, evaluate (bool)
+  ``config``      ConfigRecord: round, evaluate (bool), steps-fraction (< 1 for a straggler)
   ``in:<j>``      ArrayRecord: the message neighbour j sent last round (one per arrived neighbour)
 Node -> server reply content:
   ``out``         ArrayRecord: what this node sends to its neighbours (empty: nothing to send)
   ``metrics``     MetricRecord: accuracy/loss (when evaluated), train_loss, payload_bytes, timings
+Server -> node ``query.checkpoint`` / ``query.restore``: ``config`` ConfigRecord with the
+checkpoint folder ``path`` the node writes its state to / reads it from.
 """
 
 from __future__ import annotations

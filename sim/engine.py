@@ -16,9 +16,10 @@ from pathlib import Path
 import tomli_w
 import torch
 
+from flower_p2p.checkpoint import open_out_dir
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.node import CENTRALIZED_NODE
-from flower_p2p.results import prepare_out_dir, resolve_out_dir
+from flower_p2p.results import resolve_out_dir
 from flower_p2p.server_app import preflight
 
 
@@ -72,7 +73,7 @@ def run_experiment(cfg: ExperimentConfig, verbose: bool = False) -> Path:
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
     cfg = cfg.replace(out_dir=str(out))
     preflight(cfg)  # fail fast, before Ray starts
-    prepare_out_dir(out, cfg.overwrite)
+    open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite)  # or refuse to resume
     with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
         _write_app(Path(app_dir), cfg)
         _run_simulation(

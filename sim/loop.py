@@ -1,16 +1,19 @@
 """The same training as a Flower run, in a plain single-process loop (no Flower, no Ray).
 
-It calls the very ``run_round`` the ClientApp calls, with the same mixing rows and seeds, so it
-is the yardstick for the simulation engine's overhead (bench) and a fast way to tune settings.
+It calls the very ``run_round`` the ClientApp calls, with the same mixing rows, seeds and faults
+(``flower_p2p.faults``: the same plan and delivery as the relay), so it is the yardstick for the
+simulation engine's overhead (bench) and a fast way to tune settings.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
 
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.faults import FaultLog, deliver, fault_plan
 from flower_p2p.node import (
     CENTRALIZED_NODE,
     algorithm_for,
@@ -22,26 +25,39 @@ from flower_p2p.node import (
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
-    """Run ``cfg`` in-process; returns per-round node (and unseen-class) accuracies, wall time."""
+    """Run ``cfg`` in-process; returns per-round (unseen-class) accuracies, faults, wall time."""
     algo = algorithm_for(cfg)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     state = {p: (None, None, None) for p in nodes}
     outbox: dict[int, dict] = {}
     acc: dict[int, list[float]] = {}
     unseen: dict[int, list[float]] = {}
+    faults = FaultLog()
     start = time.perf_counter()
     for rnd in range(1, cfg.num_rounds + 2):
         final = rnd == cfg.num_rounds + 1
         evaluate = final or (rnd - 1) % cfg.eval_every == 0
+        plan = fault_plan(cfg, rnd)
+        faults.planned(plan)
         new_out = {}
         for p in nodes:
+            if p in plan.dropped:
+                continue
             params, algo_state, blob = state[p]
-            inbox = {j: outbox[j] for j in senders(cfg, algo, p, rnd - 1) if j in outbox}
+            inbox, lost = deliver(plan, p, senders(cfg, algo, p, rnd - 1), outbox)
+            faults.link_drops += lost
             weights, extra = mixing_inputs(cfg, algo, p, rnd)
-            res = run_round(
-                node_runtime(cfg, p), algo, params, algo_state, blob, inbox, weights, rnd,
-                evaluate, train=not final, combine_kwargs=extra,
-            )  # fmt: skip
+            try:
+                # A copy: combine updates the algorithm state in place, and a node that fails
+                # must keep the state it had (as a ClientApp's Context.state does).
+                res = run_round(
+                    node_runtime(cfg, p), algo, params, copy.deepcopy(algo_state), blob, inbox,
+                    weights, rnd, evaluate, train=not final, combine_kwargs=extra,
+                    steps_fraction=cfg.straggler_fraction if p in plan.stragglers else 1.0,
+                )  # fmt: skip
+            except Exception as err:  # as in the relay: the node counts as dropped
+                faults.error(p, rnd, repr(err))
+                continue
             state[p] = (res.params, res.state, res.optimizer)
             if res.message:
                 new_out[p] = res.message
@@ -49,10 +65,12 @@ def run_plain(cfg: ExperimentConfig) -> dict:
                 acc.setdefault(rnd - 1, []).append(res.accuracy)
             if res.unseen_accuracy is not None:
                 unseen.setdefault(rnd - 1, []).append(res.unseen_accuracy)
-        outbox = new_out
+        if not final:
+            outbox = new_out
     last = unseen.get(cfg.num_rounds)
     return {"accuracy": acc, "unseen_accuracy": unseen, "wall_s": time.perf_counter() - start,
             "final_mean": float(np.mean(acc[cfg.num_rounds])),
             "final_min": float(np.min(acc[cfg.num_rounds])),
             "final_unseen_mean": float(np.mean(last)) if last else None,
-            "final_unseen_min": float(np.min(last)) if last else None}  # fmt: skip
+            "final_unseen_min": float(np.min(last)) if last else None,
+            "faults": faults.to_dict()}  # fmt: skip

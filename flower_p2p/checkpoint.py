@@ -1,0 +1,180 @@
+"""Checkpoints of a run, and resuming from the last complete one.
+
+Layout under ``<out-dir>/checkpoints/``::
+
+    round-000012/node-3.npz     one node's state after round 12, written by that node
+    round-000012/relay.json     the relay's state: metrics so far, bytes sent, fault counts
+    round-000012/relay-out.npz  the messages sent in round 12, still to be delivered
+    latest.json                 {"round": 12, "dir": "round-000012", "config": {...}}
+
+Every file is written to a temporary name and renamed. ``latest.json`` is written last and is the
+commit point: a checkpoint folder it does not name may be incomplete and is never read. Older
+folders are deleted once the manifest has moved on. Random generators need no saving: training
+batches, compression draws, random matchings and faults all come from generators seeded by
+(seed, node, round) or (seed, round).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flower_p2p.registry import ConfigError
+from flower_p2p.results import prepare_out_dir, write_json
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "latest.json"
+# Keys that may differ between the interrupted and the resumed run.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "checkpoint-every", "out-dir")
+
+Arrays = dict[str, np.ndarray]
+
+
+def round_dir(out: Path, rnd: int) -> Path:
+    """The folder of the checkpoint taken after round ``rnd``."""
+    return out / CHECKPOINTS / f"round-{rnd:06d}"
+
+
+def node_file(folder: Path, node: int) -> Path:
+    """Where node ``node`` writes its state inside a checkpoint folder."""
+    return folder / f"node-{node}.npz"
+
+
+def write_npz(path: Path, arrays: Arrays) -> None:
+    """Atomically write named arrays (temporary file in the same folder, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_npz(path: Path) -> Arrays:
+    """Named arrays written by ``write_npz``."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _nest(groups: dict[str, Arrays | None]) -> Arrays:
+    return {f"{g}/{k}": v for g, arrays in groups.items() if arrays for k, v in arrays.items()}
+
+
+def _unnest(flat: Arrays, group: str) -> Arrays | None:
+    prefix = f"{group}/"
+    out = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    return out or None
+
+
+def write_node_state(
+    path: Path, params: Arrays | None, algo: Arrays | None, optimizer: bytes | None
+) -> None:
+    """One node's state: parameters, algorithm state and optimizer blob (None: not yet created)."""
+    flat = _nest({"params": params, "algo": algo})
+    if optimizer is not None:
+        flat["optimizer"] = np.frombuffer(optimizer, dtype=np.uint8)
+    # A node that has never trained (dropped every round so far) writes a marker only.
+    flat["has/params"] = np.array(params is not None)
+    flat["has/algo"] = np.array(algo is not None)
+    write_npz(path, flat)
+
+
+def read_node_state(path: Path) -> tuple[Arrays | None, Arrays | None, bytes | None]:
+    """Inverse of ``write_node_state``."""
+    flat = read_npz(path)
+    params = (_unnest(flat, "params") or {}) if bool(flat["has/params"]) else None
+    algo = (_unnest(flat, "algo") or {}) if bool(flat["has/algo"]) else None
+    optimizer = flat["optimizer"].tobytes() if "optimizer" in flat else None
+    return params, algo, optimizer
+
+
+def write_relay_state(folder: Path, state: dict, last_out: dict[int, Arrays]) -> None:
+    """The relay's own state and the messages it still has to deliver."""
+    write_npz(
+        folder / "relay-out.npz", {f"{j}/{k}": v for j, m in last_out.items() for k, v in m.items()}
+    )
+    write_json(folder / "relay.json", state)
+
+
+def commit(out: Path, rnd: int, run_config: dict) -> None:
+    """Make round ``rnd``'s checkpoint the one to resume from, then delete the others."""
+    folder = round_dir(out, rnd)
+    write_json(
+        out / CHECKPOINTS / MANIFEST, {"round": rnd, "dir": folder.name, "config": run_config}
+    )
+    for old in (out / CHECKPOINTS).glob("round-*"):
+        if old != folder and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    """A committed checkpoint, as read back."""
+
+    round: int
+    folder: Path
+    relay: dict
+    last_out: dict[int, Arrays]
+
+
+def _comparable(run_config: dict) -> dict:
+    return {k: v for k, v in run_config.items() if k not in RESUME_MAY_CHANGE}
+
+
+def load_latest(out: Path, run_config: dict) -> Checkpoint:
+    """The last committed checkpoint of ``out``; refused if missing or from another config."""
+    manifest = out / CHECKPOINTS / MANIFEST
+    if not manifest.is_file():
+        raise ConfigError(
+            "resume", True, f"an out-dir holding a checkpoint ({manifest} does not exist; "
+            "start the run with checkpoint-every > 0)",
+        )  # fmt: skip
+    meta = json.loads(manifest.read_text())
+    saved, now = _comparable(meta["config"]), _comparable(run_config)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(
+            "resume", True, f"the checkpointed run's config; these keys differ: {diff}"
+        )
+    folder = out / CHECKPOINTS / meta["dir"]
+    relay = json.loads((folder / "relay.json").read_text())
+    last_out: dict[int, Arrays] = {}
+    for key, value in read_npz(folder / "relay-out.npz").items():
+        sender, name = key.split("/", 1)
+        last_out.setdefault(int(sender), {})[name] = value
+    return Checkpoint(round=int(meta["round"]), folder=folder, relay=relay, last_out=last_out)
+
+
+def open_out_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) -> Checkpoint | None:
+    """Prepare ``out`` for a fresh run (refusing to overwrite), or load the checkpoint to resume.
+
+    Both happen before any training, so bad input leaves the folder as it was.
+    """
+    if not resume:
+        prepare_out_dir(out, overwrite)
+        return None
+    if not out.is_dir():
+        raise ConfigError(
+            "out-dir", str(out), "the folder of the run to resume (it does not exist)"
+        )
+    return load_latest(out, run_config)
+
+
+def remove_temp_files(out: Path) -> None:
+    """Delete temporary files that a killed run left behind (``.<name>.<random>``)."""
+    for folder in (out, *(p for p in (out / CHECKPOINTS).rglob("*") if p.is_dir())):
+        for tmp in folder.glob(".*.*"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)

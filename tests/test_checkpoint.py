@@ -1,0 +1,74 @@
+"""Checkpoint files: exact round trips, the manifest as commit point, refused resumes."""
+
+import numpy as np
+import pytest
+
+from flower_p2p.checkpoint import (
+    commit,
+    load_latest,
+    node_file,
+    open_out_dir,
+    read_node_state,
+    remove_temp_files,
+    round_dir,
+    write_node_state,
+    write_relay_state,
+)
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.registry import ConfigError
+
+CONFIG = ExperimentConfig(num_nodes=3, out_dir="/x").to_run_config()
+
+
+def test_node_state_round_trips_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    params = {"blocks.0.attn.qkv.weight": rng.standard_normal((6, 2)).astype(np.float32)}
+    algo = {"hat/self/blocks.0.attn.qkv.weight": rng.standard_normal((6, 2)),
+            "choco/round": np.array([4], dtype=np.int64)}  # fmt: skip
+    blob = bytes(range(256)) * 3
+    write_node_state(tmp_path / "n.npz", params, algo, blob)
+    p, a, b = read_node_state(tmp_path / "n.npz")
+    assert b == blob and p.keys() == params.keys() and a.keys() == algo.keys()
+    for got, want in [(p[k], params[k]) for k in params] + [(a[k], algo[k]) for k in algo]:
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    # a node that never trained, and one whose algorithm keeps no state (DSGD)
+    write_node_state(tmp_path / "m.npz", None, None, None)
+    assert read_node_state(tmp_path / "m.npz") == (None, None, None)
+    write_node_state(tmp_path / "d.npz", params, {}, blob)
+    assert read_node_state(tmp_path / "d.npz")[1] == {}
+
+
+def test_the_manifest_commits_and_older_checkpoints_go(tmp_path):
+    msgs = {2: {"x/w": np.arange(3.0)}}
+    for rnd in (1, 2):
+        folder = round_dir(tmp_path, rnd)
+        write_node_state(node_file(folder, 0), None, None, None)
+        write_relay_state(folder, {"round": rnd}, msgs)
+        commit(tmp_path, rnd, CONFIG)
+    round_dir(tmp_path, 3).mkdir()  # a later checkpoint whose writing was interrupted
+    ckpt = load_latest(tmp_path, CONFIG)
+    assert ckpt.round == 2 and ckpt.relay == {"round": 2} and ckpt.folder == round_dir(tmp_path, 2)
+    assert np.array_equal(ckpt.last_out[2]["x/w"], msgs[2]["x/w"])
+    assert not round_dir(tmp_path, 1).exists()
+    # resuming may change how often to checkpoint and the spelling of out-dir, nothing else
+    same = {**CONFIG, "checkpoint-every": 5, "resume": True, "out-dir": "/y"}
+    assert load_latest(tmp_path, same).round == 2
+    with pytest.raises(ConfigError, match="lr: 0.001 -> 0.01"):
+        load_latest(tmp_path, {**CONFIG, "lr": 0.01})
+
+
+def test_resume_is_refused_without_a_folder_or_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="out-dir="):
+        open_out_dir(tmp_path / "none", CONFIG, resume=True, overwrite=False)
+    with pytest.raises(ConfigError, match="checkpoint-every > 0"):
+        open_out_dir(tmp_path, CONFIG, resume=True, overwrite=False)
+    assert open_out_dir(tmp_path / "new", CONFIG, resume=False, overwrite=False) is None
+
+
+def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
+    (tmp_path / ".metrics.jsonl.ab12cd").write_text("{half")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (round_dir(tmp_path, 3)).mkdir(parents=True)
+    (round_dir(tmp_path, 3) / ".node-1.npz.x1y2").write_bytes(b"half")
+    remove_temp_files(tmp_path)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["metrics.jsonl"]
