@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flower_p2p import prefix_cache
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.data import load_data, make_transform, to_tensors
+from flower_p2p.data import DataBundle, _data_key, load_data, make_transform, to_tensors
 from flower_p2p.models import (
     apply_finetune,
     create_model,
@@ -40,7 +41,11 @@ CENTRALIZED_NODE = 0
 
 
 class NodeRuntime:
-    """Model skeleton and preprocessed tensors of one node (the centralized reference: all data)."""
+    """Model skeleton and preprocessed tensors of one node (the centralized reference: all data).
+
+    ``net`` is what training and evaluation call; with the frozen-prefix cache on it takes the
+    prefix's activations, and ``train_x``/``test_x`` hold those activations instead of images.
+    """
 
     def __init__(self, cfg: ExperimentConfig, node: int) -> None:
         self.cfg, self.node = cfg, node
@@ -51,10 +56,21 @@ class NodeRuntime:
         self.model = model.to(self.device)
         self.shared = shared_names(self.trainable, cfg)
         self.initial_params = get_params(self.model, self.trainable)
-        transform = make_transform(cfg.img_size or 224, *data_config(self.model))
+        norm = data_config(self.model)
+        transform = make_transform(cfg.img_size or 224, *norm)
         train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]
         self.train_x, self.train_y = to_tensors(train, bundle, transform)
-        self.test_x, self.test_y = to_tensors(bundle.test, bundle, transform)
+        self.test_x, self.test_y = _test_tensors(_data_key(cfg), cfg.img_size or 224, norm, bundle)
+        self.cache = prefix_cache.plan(
+            cfg, self.model, self.trainable, len(self.train_y), len(self.test_y),
+            tuple(self.train_x.shape[1:]), self.device,
+        )  # fmt: skip
+        self.net = self.cache.network(self.model)
+        if self.cache.on:
+            split = self.cache.split
+            self.train_x = prefix_cache.activations(split, self.train_x, self.device)
+            key = prefix_cache.cache_key(cfg, *norm, part="test")
+            self.test_x = prefix_cache.shared_activations(key, split, self.test_x, self.device)
 
     def optimizer(self, blob: bytes | None, rnd: int) -> torch.optim.Optimizer:
         """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
@@ -70,9 +86,33 @@ class NodeRuntime:
         return opt
 
 
-@functools.lru_cache(maxsize=128)
+_TEST_TENSORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _test_tensors(
+    data_key: tuple, img_size: int, norm: tuple, bundle: DataBundle
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global test split, preprocessed once per process.
+
+    Every node evaluates on it, so 64 nodes in one process hold one copy, not 64.
+    """
+    key = (data_key, img_size, norm)
+    if key not in _TEST_TENSORS:
+        _TEST_TENSORS.clear()  # one config at a time per process; drop the previous one
+        _TEST_TENSORS[key] = to_tensors(bundle.test, bundle, make_transform(img_size, *norm))
+    return _TEST_TENSORS[key]
+
+
 def node_runtime(cfg: ExperimentConfig, node: int) -> NodeRuntime:
-    """Per-process cache: a node's model and data are built once, not every round."""
+    """Per-process cache: a node's model and data are built once, not every round.
+
+    A checkpoint file that changes on disk (size or mtime) gives a fresh runtime.
+    """
+    return _node_runtime(cfg, node, prefix_cache.checkpoint_fingerprint(cfg))
+
+
+@functools.lru_cache(maxsize=128)
+def _node_runtime(cfg: ExperimentConfig, node: int, checkpoint: tuple) -> NodeRuntime:
     return NodeRuntime(cfg, node)
 
 
@@ -156,7 +196,7 @@ def run_round(
                          train_loss=float("nan"))  # fmt: skip
     if do_eval:
         t0 = time.perf_counter()
-        acc, loss, _ = evaluate(rt.model, rt.test_x, rt.test_y, 256, rt.device)
+        acc, loss, _ = evaluate(rt.net, rt.test_x, rt.test_y, 256, rt.device)
         result.accuracy, result.loss, result.eval_s = acc, loss, time.perf_counter() - t0
     if not train:
         return result
@@ -167,7 +207,7 @@ def run_round(
     # The centralized reference takes every node's steps itself: same optimizer-step budget.
     steps = cfg.local_steps * (cfg.num_nodes if cfg.strategy == "centralized" else 1)
     result.train_loss = train_epochs(
-        rt.model, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
+        rt.net, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
         steps=steps,
     )  # fmt: skip
     result.train_s = time.perf_counter() - t0

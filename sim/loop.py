@@ -22,7 +22,7 @@ from flower_p2p.node import (
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
-    """Run ``cfg`` in-process; returns per-round node accuracies and wall time."""
+    """Run ``cfg`` in-process; returns per-round node accuracies, final parameters, wall time."""
     algo = algorithm_for(cfg)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     state = {p: (None, None, None) for p in nodes}
@@ -49,4 +49,5 @@ def run_plain(cfg: ExperimentConfig) -> dict:
         outbox = new_out
     return {"accuracy": acc, "wall_s": time.perf_counter() - start,
             "final_mean": float(np.mean(acc[cfg.num_rounds])),
-            "final_min": float(np.min(acc[cfg.num_rounds]))}  # fmt: skip
+            "final_min": float(np.min(acc[cfg.num_rounds])),
+            "params": {p: state[p][0] for p in nodes}}  # fmt: skip
