@@ -7,6 +7,7 @@ outgoing message. The ClientApp and any plain single-process loop call the same 
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import dataclass
@@ -52,8 +53,7 @@ class NodeRuntime:
         self.device = pick_device()
         bundle = load_data(cfg)
         self.num_classes = bundle.num_classes
-        model, self.trainable = apply_finetune(create_model(cfg, bundle.num_classes), cfg)
-        self.model = model.to(self.device)
+        self.model, self.trainable = node_model(cfg, bundle.num_classes, self.device)
         self.shared = shared_names(self.trainable, cfg)
         self.initial_params = get_params(self.model, self.trainable)
         norm = data_config(self.model)
@@ -84,6 +84,29 @@ class NodeRuntime:
         for group in opt.param_groups:
             group["lr"] = lr_at_round(cfg.lr, cfg.lr_schedule, rnd, cfg.num_rounds)
         return opt
+
+
+_TEMPLATES: dict[tuple, tuple[torch.nn.Module, list[str]]] = {}
+
+
+def node_model(
+    cfg: ExperimentConfig, num_classes: int, device: torch.device
+) -> tuple[torch.nn.Module, list[str]]:
+    """A node's model and trainable names; frozen weights are shared by the nodes of a process.
+
+    Every node starts from the same weights (same seed or checkpoint) and never changes its
+    frozen ones, so one process keeps one copy of them (64 nodes of head-only fine-tuning hold
+    one backbone, not 64). Each node gets its own trainable parameters. This is a memory
+    optimisation only: nothing a node learns is shared, and each process builds its own copy.
+    """
+    key = (cfg, num_classes, prefix_cache.checkpoint_fingerprint(cfg), str(device))
+    if key not in _TEMPLATES:
+        _TEMPLATES.clear()  # one config at a time per process
+        model, trainable = apply_finetune(create_model(cfg, num_classes), cfg)
+        _TEMPLATES[key] = (model.to(device), trainable)
+    template, trainable = _TEMPLATES[key]
+    frozen = {id(p): p for p in template.parameters() if not p.requires_grad}
+    return copy.deepcopy(template, memo=dict(frozen)), list(trainable)
 
 
 _TEST_TENSORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

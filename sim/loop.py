@@ -22,14 +22,19 @@ from flower_p2p.node import (
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
-    """Run ``cfg`` in-process; returns per-round node accuracies, final parameters, wall time."""
+    """Run ``cfg`` in-process; returns per-round node accuracies, final parameters, wall time.
+
+    ``round_s`` holds each round's seconds (the last entry is the final evaluation).
+    """
     algo = algorithm_for(cfg)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     state = {p: (None, None, None) for p in nodes}
     outbox: dict[int, dict] = {}
     acc: dict[int, list[float]] = {}
     start = time.perf_counter()
+    round_s: list[float] = []  # per round, like network.jsonl's wall_s differences
     for rnd in range(1, cfg.num_rounds + 2):
+        t0 = time.perf_counter()
         final = rnd == cfg.num_rounds + 1
         evaluate = final or (rnd - 1) % cfg.eval_every == 0
         new_out = {}
@@ -47,7 +52,8 @@ def run_plain(cfg: ExperimentConfig) -> dict:
             if res.accuracy is not None:
                 acc.setdefault(rnd - 1, []).append(res.accuracy)
         outbox = new_out
+        round_s.append(time.perf_counter() - t0)
     return {"accuracy": acc, "wall_s": time.perf_counter() - start,
             "final_mean": float(np.mean(acc[cfg.num_rounds])),
             "final_min": float(np.min(acc[cfg.num_rounds])),
-            "params": {p: state[p][0] for p in nodes}}  # fmt: skip
+            "params": {p: state[p][0] for p in nodes}, "round_s": round_s}  # fmt: skip
