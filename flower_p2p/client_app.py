@@ -41,14 +41,14 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
     state = context.state
     params = from_record(state.array_records[STATE_PARAMS]) if STATE_PARAMS in state else None
     algo_state = from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state else None
-    blob = state.config_records[STATE_OPTIM]["blob"] if STATE_OPTIM in state else None
+    optim = from_record(state.array_records[STATE_OPTIM]) if STATE_OPTIM in state else None
     config = msg.content.config_records["config"]
     result = run_round(
         rt,
         algo,
         params,
         algo_state,
-        blob,
+        optim,
         unpack_inbox(msg.content),
         weights,
         rnd=rnd,
@@ -56,10 +56,10 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
         train=train,
         combine_kwargs=combine_kwargs,
     )
-    state[STATE_PARAMS] = to_record(result.params)
+    state[STATE_PARAMS] = kept = to_record(result.params)
     state[STATE_ALGO] = to_record(result.state)
-    state[STATE_OPTIM] = ConfigRecord({"blob": result.optimizer})
-    out = to_record(result.message)
+    state[STATE_OPTIM] = to_record(result.optimizer)
+    out = to_record(result.message, reuse=(result.params, kept))
     return Message(
         RecordDict({"out": out, "metrics": _metrics(result, payload_bytes(out) if out else 0)}),
         reply_to=msg,

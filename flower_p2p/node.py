@@ -29,10 +29,10 @@ from flower_p2p.models import (
 from flower_p2p.schedules import topology_at
 from flower_p2p.training import (
     evaluate,
+    load_optimizer_state,
     lr_at_round,
     make_optimizer,
-    optimizer_from_bytes,
-    optimizer_to_bytes,
+    optimizer_state,
     pick_device,
     train_epochs,
 )
@@ -72,15 +72,15 @@ class NodeRuntime:
             key = prefix_cache.cache_key(cfg, *norm, part="test")
             self.test_x = prefix_cache.shared_activations(key, split, self.test_x, self.device)
 
-    def optimizer(self, blob: bytes | None, rnd: int) -> torch.optim.Optimizer:
+    def optimizer(self, saved: Params | None, rnd: int) -> torch.optim.Optimizer:
         """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
 
         Its state (e.g. AdamW moments) stays on the node between rounds and is never sent.
         """
         cfg = self.cfg
         opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay)
-        if blob:
-            optimizer_from_bytes(opt, blob)
+        if saved:
+            load_optimizer_state(opt, saved)
         for group in opt.param_groups:
             group["lr"] = lr_at_round(cfg.lr, cfg.lr_schedule, rnd, cfg.num_rounds)
         return opt
@@ -146,7 +146,7 @@ class RoundResult:
     params: Params
     message: Params
     state: State
-    optimizer: bytes
+    optimizer: Params
     train_loss: float
     accuracy: float | None = None
     loss: float | None = None
@@ -190,7 +190,7 @@ def run_round(
     algo: GossipAlgorithm,
     params: Params | None,
     state: State | None,
-    optimizer_blob: bytes | None,
+    optimizer: Params | None,
     inbox: dict[int, Params],
     weights: dict[int, float],
     rnd: int,
@@ -215,7 +215,7 @@ def run_round(
     shared = algo.combine(shared, state, inbox, weights, rt.node, **kwargs)
     params = {**params, **shared}
     set_params(rt.model, params)
-    result = RoundResult(params=params, message={}, state=state, optimizer=optimizer_blob or b"",
+    result = RoundResult(params=params, message={}, state=state, optimizer=optimizer or {},
                          train_loss=float("nan"))  # fmt: skip
     if do_eval:
         t0 = time.perf_counter()
@@ -224,7 +224,7 @@ def run_round(
     if not train:
         return result
     t0 = time.perf_counter()
-    opt = rt.optimizer(optimizer_blob, rnd)
+    opt = rt.optimizer(optimizer, rnd)
     cfg = rt.cfg
     gen = round_generator(cfg.seed, rt.node, rnd)
     # The centralized reference takes every node's steps itself: same optimizer-step budget.
@@ -235,7 +235,7 @@ def run_round(
     )  # fmt: skip
     result.train_s = time.perf_counter() - t0
     result.params = get_params(rt.model, rt.trainable)
-    result.optimizer = optimizer_to_bytes(opt)
+    result.optimizer = optimizer_state(opt)
     result.message = algo.message({k: result.params[k] for k in rt.shared}, state)
     return result
 
