@@ -82,7 +82,8 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
             big = row["nodes"] == max(settings["nodes"])
             rows.append(
                 f"| 4 | {row['nodes']} head-only nodes: wall per round (median, rounds 2..R), "
-                f"peak RSS of the process tree (whole command {row['command_s']:.0f} s) | "
+                f"peak memory (PSS) of the process tree (RSS sum {row['peak_rss_gib']:.2f} GiB; "
+                f"whole command {row['command_s']:.0f} s) | "
                 f"{row['round_s']:.2f} s/round, {row['peak_gib']:.2f} GiB | "
                 f"{'< 4 GiB' if big else '–'} | "
                 f"{('yes' if row['peak_gib'] < 4 else 'no') if big else '–'} |"

@@ -47,6 +47,7 @@ def flower_run(overrides: list[str]) -> dict:
         "final_mean": summary["accuracy_mean"],
         "prefix_cache": summary.get("prefix_cache", ""),
         "peak_gib": mem.peak_bytes / 2**30,
+        "peak_rss_gib": mem.peak_rss_bytes / 2**30,
         "peak_processes": dict(mem.peak_processes),
     }
 
@@ -140,6 +141,7 @@ def scaling(overrides: list[str], nodes: list[int]) -> list[dict]:
             "round_s": statistics.median(rounds) if rounds else float("nan"),
             "command_s": run["command_s"],
             "peak_gib": run["peak_gib"],
+            "peak_rss_gib": run["peak_rss_gib"],
             "peak_processes": run["peak_processes"],
             "prefix_cache": run["prefix_cache"],
         })  # fmt: skip

@@ -10,15 +10,17 @@ import psutil
 
 
 class PeakTreeRSS:
-    """Samples the summed RSS of a process and all its descendants (Ray's included).
+    """Samples the memory of a process and all its descendants (Ray's processes included).
 
-    RSS counts pages shared between processes (libraries, torch) once per process, so the sum
-    is an upper bound on the memory the tree really uses.
+    ``peak_bytes``: the peak of the summed PSS (proportional set size: a page shared by k
+    processes counts 1/k in each), i.e. the physical memory the tree uses. ``peak_rss_bytes``:
+    the peak of the summed RSS, which counts shared pages (torch, libraries) once per process, an
+    upper bound.
     """
 
-    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
         self.pid, self.interval_s = pid, interval_s
-        self.peak_bytes = 0
+        self.peak_bytes = self.peak_rss_bytes = 0
         self.peak_processes: Counter = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -37,13 +39,16 @@ class PeakTreeRSS:
             procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        total, names = 0, Counter()
+        total, rss, names = 0, 0, Counter()
         for proc in procs:
             try:
-                total += proc.memory_info().rss
+                info = proc.memory_full_info()
+                total += getattr(info, "pss", info.rss)  # PSS is Linux-only
+                rss += info.rss
                 names[_short_name(proc)] += 1
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
         if total > self.peak_bytes:
             self.peak_bytes, self.peak_processes = total, names
 
