@@ -52,8 +52,9 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
         rows.append(
             f"| 1 | Flower engine / plain loop, rounds 2..R: {f['rounds_s']:.1f} s / "
             f"{p['rounds_s']:.1f} s (whole command: {f['command_s']:.1f} s / "
-            f"{p['command_s']:.1f} s = {_x(r['ratio_command'])}; same accuracy: "
-            f"{'yes' if r['same_accuracy'] else 'NO'}) | {_x(r['ratio_rounds'])} | ≤ 1.10× | "
+            f"{p['command_s']:.1f} s = {_x(r['ratio_command'])}; final mean accuracy "
+            f"{f['final_mean']:.4f} / {p['final_mean']:.4f}, same: "
+            f"{'yes' if r['same_accuracy'] else 'no'}) | {_x(r['ratio_rounds'])} | ≤ 1.10× | "
             f"{'yes' if r['ratio_rounds'] <= 1.10 else 'no'} |"
         )
     if 2 in only:
