@@ -78,25 +78,26 @@ def _unnest(flat: Arrays, group: str) -> Arrays | None:
 
 
 def write_node_state(
-    path: Path, params: Arrays | None, algo: Arrays | None, optimizer: bytes | None
+    path: Path, params: Arrays | None, algo: Arrays | None, optimizer: Arrays | None
 ) -> None:
-    """One node's state: parameters, algorithm state and optimizer blob (None: not yet created)."""
-    flat = _nest({"params": params, "algo": algo})
-    if optimizer is not None:
-        flat["optimizer"] = np.frombuffer(optimizer, dtype=np.uint8)
-    # A node that has never trained (dropped every round so far) writes a marker only.
-    flat["has/params"] = np.array(params is not None)
-    flat["has/algo"] = np.array(algo is not None)
+    """One node's state: parameters, algorithm and optimizer state (None: not yet created)."""
+    parts = {"params": params, "algo": algo, "optim": optimizer}
+    flat = _nest(parts)
+    # A node that has never trained (dropped every round so far) writes markers only; a
+    # strategy without state (DSGD) writes an empty group.
+    for group, arrays in parts.items():
+        flat[f"has/{group}"] = np.array(arrays is not None)
     write_npz(path, flat)
 
 
-def read_node_state(path: Path) -> tuple[Arrays | None, Arrays | None, bytes | None]:
+def read_node_state(path: Path) -> tuple[Arrays | None, Arrays | None, Arrays | None]:
     """Inverse of ``write_node_state``."""
     flat = read_npz(path)
-    params = (_unnest(flat, "params") or {}) if bool(flat["has/params"]) else None
-    algo = (_unnest(flat, "algo") or {}) if bool(flat["has/algo"]) else None
-    optimizer = flat["optimizer"].tobytes() if "optimizer" in flat else None
-    return params, algo, optimizer
+    groups = [
+        (_unnest(flat, g) or {}) if bool(flat.get(f"has/{g}", False)) else None
+        for g in ("params", "algo", "optim")
+    ]
+    return groups[0], groups[1], groups[2]
 
 
 def write_relay_state(folder: Path, state: dict, last_out: dict[int, Arrays]) -> None:

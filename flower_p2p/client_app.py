@@ -45,14 +45,14 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
     state = context.state
     params = from_record(state.array_records[STATE_PARAMS]) if STATE_PARAMS in state else None
     algo_state = from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state else None
-    blob = state.config_records[STATE_OPTIM]["blob"] if STATE_OPTIM in state else None
+    optim = from_record(state.array_records[STATE_OPTIM]) if STATE_OPTIM in state else None
     config = msg.content.config_records["config"]
     result = run_round(
         rt,
         algo,
         params,
         algo_state,
-        blob,
+        optim,
         unpack_inbox(msg.content),
         weights,
         rnd=rnd,
@@ -62,10 +62,10 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
         steps_fraction=float(config["steps-fraction"]) if "steps-fraction" in config else 1.0,
     )
     # Only a round that completed changes the state: a node that raises keeps the one it had.
-    state[STATE_PARAMS] = to_record(result.params)
+    state[STATE_PARAMS] = kept = to_record(result.params)
     state[STATE_ALGO] = to_record(result.state)
-    state[STATE_OPTIM] = ConfigRecord({"blob": result.optimizer})
-    out = to_record(result.message)
+    state[STATE_OPTIM] = to_record(result.optimizer)
+    out = to_record(result.message, reuse=(result.params, kept))
     return Message(
         RecordDict({"out": out, "metrics": _metrics(result, payload_bytes(out) if out else 0)}),
         reply_to=msg,
@@ -112,7 +112,7 @@ def checkpoint(msg: Message, context: Context) -> Message:
         node_file(folder, _partition_id(context)),
         from_record(state.array_records[STATE_PARAMS]) if STATE_PARAMS in state else None,
         from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state else None,
-        state.config_records[STATE_OPTIM]["blob"] if STATE_OPTIM in state else None,
+        from_record(state.array_records[STATE_OPTIM]) if STATE_OPTIM in state else None,
     )
     return Message(RecordDict(), reply_to=msg)
 
@@ -121,17 +121,13 @@ def checkpoint(msg: Message, context: Context) -> Message:
 def restore(msg: Message, context: Context) -> Message:
     """Replace this node's state with the one saved in the checkpoint folder the relay names."""
     folder = Path(str(msg.content.config_records["config"]["path"]))
-    params, algo, blob = read_node_state(node_file(folder, _partition_id(context)))
+    params, algo, optim = read_node_state(node_file(folder, _partition_id(context)))
     state = context.state
-    for key, value in ((STATE_PARAMS, params), (STATE_ALGO, algo)):
+    for key, value in ((STATE_PARAMS, params), (STATE_ALGO, algo), (STATE_OPTIM, optim)):
         if value is None:
             state.pop(key, None)
         else:
             state[key] = to_record(value)
-    if blob is None:
-        state.pop(STATE_OPTIM, None)
-    else:
-        state[STATE_OPTIM] = ConfigRecord({"blob": blob})
     return Message(RecordDict(), reply_to=msg)
 
 

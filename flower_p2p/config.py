@@ -53,6 +53,8 @@ class ExperimentConfig:
     last_k: int = 1
     lora_rank: int = 8
     lora_alpha: int = 16
+    prefix_cache: str = "auto"
+    cache_max_mb: int = 1024
     local_epochs: int = 1
     local_steps: int = 2
     optimizer: str = "adamw"
@@ -167,8 +169,11 @@ class ExperimentConfig:
             raise ConfigError(
                 "share", self.share, f"comma-separated groups of {', '.join(PARAM_GROUPS)}"
             )
-        for key in ("last-k", "lora-rank", "lora-alpha"):
+        for key in ("last-k", "lora-rank", "lora-alpha", "cache-max-mb"):
             _positive(key, getattr(self, key.replace("-", "_")))
+        from flower_p2p.prefix_cache import check_mode
+
+        check_mode(self.prefix_cache)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:

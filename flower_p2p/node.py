@@ -7,6 +7,7 @@ outgoing message. The ClientApp and any plain single-process loop call the same 
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flower_p2p import prefix_cache
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.data import load_data, make_transform, to_tensors
+from flower_p2p.data import DataBundle, _data_key, load_data, make_transform, to_tensors
 from flower_p2p.faults import check_injected_failure, local_steps
 from flower_p2p.models import (
     apply_finetune,
@@ -28,10 +30,10 @@ from flower_p2p.models import (
 from flower_p2p.schedules import topology_at
 from flower_p2p.training import (
     evaluate,
+    load_optimizer_state,
     lr_at_round,
     make_optimizer,
-    optimizer_from_bytes,
-    optimizer_to_bytes,
+    optimizer_state,
     pick_device,
     train_epochs,
 )
@@ -42,41 +44,102 @@ CENTRALIZED_NODE = 0
 
 
 class NodeRuntime:
-    """Model skeleton and preprocessed tensors of one node (the centralized reference: all data)."""
+    """Model skeleton and preprocessed tensors of one node (the centralized reference: all data).
+
+    ``net`` is what training and evaluation call; with the frozen-prefix cache on it takes the
+    prefix's activations, and ``train_x``/``test_x`` hold those activations instead of images.
+    """
 
     def __init__(self, cfg: ExperimentConfig, node: int) -> None:
         self.cfg, self.node = cfg, node
         self.device = pick_device()
         bundle = load_data(cfg)
         self.num_classes = bundle.num_classes
-        model, self.trainable = apply_finetune(create_model(cfg, bundle.num_classes), cfg)
-        self.model = model.to(self.device)
+        self.model, self.trainable = node_model(cfg, bundle.num_classes, self.device)
         self.shared = shared_names(self.trainable, cfg)
         self.initial_params = get_params(self.model, self.trainable)
-        transform = make_transform(cfg.img_size or 224, *data_config(self.model))
+        norm = data_config(self.model)
+        transform = make_transform(cfg.img_size or 224, *norm)
         train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]
         self.train_x, self.train_y = to_tensors(train, bundle, transform)
-        self.test_x, self.test_y = to_tensors(bundle.test, bundle, transform)
         # The classes this node trains on; test samples of the others are its "unseen" ones.
         self.seen_classes = torch.unique(self.train_y)
+        self.test_x, self.test_y = _test_tensors(_data_key(cfg), cfg.img_size or 224, norm, bundle)
+        self.cache = prefix_cache.plan(
+            cfg, self.model, self.trainable, len(self.train_y), len(self.test_y),
+            tuple(self.train_x.shape[1:]), self.device,
+        )  # fmt: skip
+        self.net = self.cache.network(self.model)
+        if self.cache.on:
+            split = self.cache.split
+            self.train_x = prefix_cache.activations(split, self.train_x, self.device)
+            key = prefix_cache.cache_key(cfg, *norm, part="test")
+            self.test_x = prefix_cache.shared_activations(key, split, self.test_x, self.device)
 
-    def optimizer(self, blob: bytes | None, rnd: int) -> torch.optim.Optimizer:
+    def optimizer(self, saved: Params | None, rnd: int) -> torch.optim.Optimizer:
         """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
 
         Its state (e.g. AdamW moments) stays on the node between rounds and is never sent.
         """
         cfg = self.cfg
         opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay)
-        if blob:
-            optimizer_from_bytes(opt, blob)
+        if saved:
+            load_optimizer_state(opt, saved)
         for group in opt.param_groups:
             group["lr"] = lr_at_round(cfg.lr, cfg.lr_schedule, rnd, cfg.num_rounds)
         return opt
 
 
-@functools.lru_cache(maxsize=128)
+_TEMPLATES: dict[tuple, tuple[torch.nn.Module, list[str]]] = {}
+
+
+def node_model(
+    cfg: ExperimentConfig, num_classes: int, device: torch.device
+) -> tuple[torch.nn.Module, list[str]]:
+    """A node's model and trainable names; frozen weights are shared by the nodes of a process.
+
+    Every node starts from the same weights (same seed or checkpoint) and never changes its
+    frozen ones, so one process keeps one copy of them (64 nodes of head-only fine-tuning hold
+    one backbone, not 64). Each node gets its own trainable parameters. This is a memory
+    optimisation only: nothing a node learns is shared, and each process builds its own copy.
+    """
+    key = (cfg, num_classes, prefix_cache.checkpoint_fingerprint(cfg), str(device))
+    if key not in _TEMPLATES:
+        _TEMPLATES.clear()  # one config at a time per process
+        model, trainable = apply_finetune(create_model(cfg, num_classes), cfg)
+        _TEMPLATES[key] = (model.to(device), trainable)
+    template, trainable = _TEMPLATES[key]
+    frozen = {id(p): p for p in template.parameters() if not p.requires_grad}
+    return copy.deepcopy(template, memo=dict(frozen)), list(trainable)
+
+
+_TEST_TENSORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _test_tensors(
+    data_key: tuple, img_size: int, norm: tuple, bundle: DataBundle
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global test split, preprocessed once per process.
+
+    Every node evaluates on it, so 64 nodes in one process hold one copy, not 64.
+    """
+    key = (data_key, img_size, norm)
+    if key not in _TEST_TENSORS:
+        _TEST_TENSORS.clear()  # one config at a time per process; drop the previous one
+        _TEST_TENSORS[key] = to_tensors(bundle.test, bundle, make_transform(img_size, *norm))
+    return _TEST_TENSORS[key]
+
+
 def node_runtime(cfg: ExperimentConfig, node: int) -> NodeRuntime:
-    """Per-process cache: a node's model and data are built once, not every round."""
+    """Per-process cache: a node's model and data are built once, not every round.
+
+    A checkpoint file that changes on disk (size or mtime) gives a fresh runtime.
+    """
+    return _node_runtime(cfg, node, prefix_cache.checkpoint_fingerprint(cfg))
+
+
+@functools.lru_cache(maxsize=128)
+def _node_runtime(cfg: ExperimentConfig, node: int, checkpoint: tuple) -> NodeRuntime:
     return NodeRuntime(cfg, node)
 
 
@@ -87,7 +150,7 @@ class RoundResult:
     params: Params
     message: Params
     state: State
-    optimizer: bytes
+    optimizer: Params
     train_loss: float
     accuracy: float | None = None
     loss: float | None = None
@@ -133,7 +196,7 @@ def run_round(
     algo: GossipAlgorithm,
     params: Params | None,
     state: State | None,
-    optimizer_blob: bytes | None,
+    optimizer: Params | None,
     inbox: dict[int, Params],
     weights: dict[int, float],
     rnd: int,
@@ -160,11 +223,11 @@ def run_round(
     shared = algo.combine(shared, state, inbox, weights, rt.node, **kwargs)
     params = {**params, **shared}
     set_params(rt.model, params)
-    result = RoundResult(params=params, message={}, state=state, optimizer=optimizer_blob or b"",
+    result = RoundResult(params=params, message={}, state=state, optimizer=optimizer or {},
                          train_loss=float("nan"))  # fmt: skip
     if do_eval:
         t0 = time.perf_counter()
-        acc, loss, pred = evaluate(rt.model, rt.test_x, rt.test_y, 256, rt.device)
+        acc, loss, pred = evaluate(rt.net, rt.test_x, rt.test_y, 256, rt.device)
         result.accuracy, result.loss, result.eval_s = acc, loss, time.perf_counter() - t0
         result.unseen_accuracy = unseen_class_accuracy(pred, rt.test_y, rt.seen_classes)
     if not train:
@@ -172,16 +235,16 @@ def run_round(
     cfg = rt.cfg
     check_injected_failure(cfg, rt.node, rnd)
     t0 = time.perf_counter()
-    opt = rt.optimizer(optimizer_blob, rnd)
+    opt = rt.optimizer(optimizer, rnd)
     gen = round_generator(cfg.seed, rt.node, rnd)
     steps = local_steps(cfg, len(rt.train_y), steps_fraction)
     result.train_loss = train_epochs(
-        rt.model, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
+        rt.net, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
         steps=steps,
     )  # fmt: skip
     result.train_s = time.perf_counter() - t0
     result.params = get_params(rt.model, rt.trainable)
-    result.optimizer = optimizer_to_bytes(opt)
+    result.optimizer = optimizer_state(opt)
     result.message = algo.message({k: result.params[k] for k in rt.shared}, state)
     return result
 

@@ -14,11 +14,13 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from flower_p2p import prefix_cache
 from flower_p2p.checkpoint import (
     commit,
     open_out_dir,
@@ -54,14 +56,24 @@ def main(grid: Grid, context: Context) -> None:
     run_experiment(grid, cfg)
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Everything that can be wrong with the config, checked before any node trains."""
+def preflight(cfg: ExperimentConfig) -> str:
+    """Everything that can be wrong with the config, checked before any node trains.
+
+    Returns the frozen-prefix cache decision for the largest node, in words.
+    """
     if cfg.num_nodes >= 2:
         topology_at(cfg, 1)  # graph connectivity, mixing weights
     bundle = load_data(cfg)  # node count vs samples, columns, partitioner feasibility
     # model name, overrides, checkpoint shape, fine-tune mode (e.g. last-k within the depth)
-    _, trainable = apply_finetune(create_model(cfg, bundle.num_classes), cfg)
+    model, trainable = apply_finetune(create_model(cfg, bundle.num_classes), cfg)
     shared_names(trainable, cfg)  # `share` names groups that train
+    # prefix-cache=on where no prefix is frozen, or past cache-max-mb, is refused here
+    sizes = [len(p) for p in bundle.partitions]
+    largest = sum(sizes) if cfg.strategy == "centralized" else max(sizes)
+    side = cfg.img_size or 224
+    return prefix_cache.plan(
+        cfg, model, trainable, largest, len(bundle.test), (3, side, side), torch.device("cpu")
+    ).reason
 
 
 def discover_nodes(grid: Grid, needed: list[int], wait_s: float = NODE_WAIT_S) -> dict[int, int]:
@@ -181,7 +193,7 @@ def _ask_every_node(grid: Grid, node_ids: dict[int, int], action: str, path: Pat
 def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     """Run every round through ``grid`` and write the results folder; returns its path."""
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
-    preflight(cfg)
+    cache = preflight(cfg)
     resumed = open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite)
     if resumed is None:
         write_json(
@@ -191,6 +203,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     else:
         remove_temp_files(out)
     log(INFO, "flower-p2p: strategy=%s, %d nodes, results in %s", cfg.strategy, cfg.num_nodes, out)
+    log(INFO, "frozen-prefix cache %s", cache)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     node_ids = discover_nodes(grid, nodes)
     pid_of = {nid: pid for pid, nid in node_ids.items()}
@@ -319,7 +332,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
             )  # fmt: skip
     relay(cfg.num_rounds + 1, True, MessageType.EVALUATE)
     rec.flush()
-    summary = summarize(cfg, rec, sent, time.perf_counter() - start)
+    summary = {**summarize(cfg, rec, sent, time.perf_counter() - start), "prefix_cache": cache}
     summary["faults"] = faults.to_dict()
     write_json(out / "summary.json", summary)
     log(

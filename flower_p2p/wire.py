@@ -18,11 +18,21 @@ from flwr.app import Array, ArrayRecord, RecordDict
 INBOX_PREFIX = "in:"
 
 
-def to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
-    """Pack named numpy arrays into an ArrayRecord (order preserved)."""
+def to_record(
+    params: dict[str, np.ndarray],
+    reuse: tuple[dict[str, np.ndarray], ArrayRecord] | None = None,
+) -> ArrayRecord:
+    """Pack named numpy arrays into an ArrayRecord (order preserved).
+
+    ``reuse=(arrays, record)``: an array that *is* ``arrays[name]`` takes the already packed
+    ``record[name]`` instead of being serialised again (a DSGD message is the kept model).
+    """
     record = ArrayRecord()
     for name, value in params.items():
-        record[name] = Array(np.ascontiguousarray(value))
+        if reuse is not None and reuse[0].get(name) is value:
+            record[name] = reuse[1][name]
+        else:
+            record[name] = Array(np.ascontiguousarray(value))
     return record
 
 

@@ -25,7 +25,10 @@ from flower_p2p.node import (
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
-    """Run ``cfg`` in-process; returns per-round (unseen-class) accuracies, faults, wall time."""
+    """Run ``cfg`` in-process: per-round (unseen-class) accuracies, faults, final parameters.
+
+    ``round_s`` holds each round's seconds (the last entry is the final evaluation).
+    """
     algo = algorithm_for(cfg)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
     state = {p: (None, None, None) for p in nodes}
@@ -34,7 +37,9 @@ def run_plain(cfg: ExperimentConfig) -> dict:
     unseen: dict[int, list[float]] = {}
     faults = FaultLog()
     start = time.perf_counter()
+    round_s: list[float] = []  # per round, like network.jsonl's wall_s differences
     for rnd in range(1, cfg.num_rounds + 2):
+        t0 = time.perf_counter()
         final = rnd == cfg.num_rounds + 1
         evaluate = final or (rnd - 1) % cfg.eval_every == 0
         plan = fault_plan(cfg, rnd)
@@ -67,10 +72,12 @@ def run_plain(cfg: ExperimentConfig) -> dict:
                 unseen.setdefault(rnd - 1, []).append(res.unseen_accuracy)
         if not final:
             outbox = new_out
+        round_s.append(time.perf_counter() - t0)
     last = unseen.get(cfg.num_rounds)
     return {"accuracy": acc, "unseen_accuracy": unseen, "wall_s": time.perf_counter() - start,
             "final_mean": float(np.mean(acc[cfg.num_rounds])),
             "final_min": float(np.min(acc[cfg.num_rounds])),
             "final_unseen_mean": float(np.mean(last)) if last else None,
             "final_unseen_min": float(np.min(last)) if last else None,
-            "faults": faults.to_dict()}  # fmt: skip
+            "faults": faults.to_dict(),
+            "params": {p: state[p][0] for p in nodes}, "round_s": round_s}  # fmt: skip

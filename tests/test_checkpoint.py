@@ -25,16 +25,18 @@ def test_node_state_round_trips_bit_for_bit(tmp_path):
     params = {"blocks.0.attn.qkv.weight": rng.standard_normal((6, 2)).astype(np.float32)}
     algo = {"hat/self/blocks.0.attn.qkv.weight": rng.standard_normal((6, 2)),
             "choco/round": np.array([4], dtype=np.int64)}  # fmt: skip
-    blob = bytes(range(256)) * 3
-    write_node_state(tmp_path / "n.npz", params, algo, blob)
-    p, a, b = read_node_state(tmp_path / "n.npz")
-    assert b == blob and p.keys() == params.keys() and a.keys() == algo.keys()
-    for got, want in [(p[k], params[k]) for k in params] + [(a[k], algo[k]) for k in algo]:
+    optim = {"state/0/exp_avg": rng.standard_normal((6, 2)).astype(np.float32),
+             "state/0/step": np.array(3.0, dtype=np.float32)}  # fmt: skip
+    write_node_state(tmp_path / "n.npz", params, algo, optim)
+    p, a, o = read_node_state(tmp_path / "n.npz")
+    assert p.keys() == params.keys() and a.keys() == algo.keys() and o.keys() == optim.keys()
+    pairs = [(p[k], params[k]) for k in params] + [(a[k], algo[k]) for k in algo]
+    for got, want in pairs + [(o[k], optim[k]) for k in optim]:
         assert got.dtype == want.dtype and np.array_equal(got, want)
     # a node that never trained, and one whose algorithm keeps no state (DSGD)
     write_node_state(tmp_path / "m.npz", None, None, None)
     assert read_node_state(tmp_path / "m.npz") == (None, None, None)
-    write_node_state(tmp_path / "d.npz", params, {}, blob)
+    write_node_state(tmp_path / "d.npz", params, {}, optim)
     assert read_node_state(tmp_path / "d.npz")[1] == {}
 
 

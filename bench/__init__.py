@@ -1,0 +1,1 @@
+"""``python -m bench``: performance ratios measured side by side in one run (see README)."""

@@ -1,0 +1,138 @@
+"""``python -m bench``: the performance ratios of issue 5, measured side by side in one run.
+
+1. the default experiment through Flower's simulation engine vs the same training in a plain
+   single-process loop (time ratio; same nodes, steps, mixing, same final accuracy);
+2. head-only and last-k fine-tuning without vs with the frozen-prefix cache (time ratio);
+3. training throughput of the default model vs the machine's fp32 matmul rate;
+4. wall time per round and peak memory of the process tree at 8, 16, 32, 64 head-only nodes.
+
+``--quick`` runs tiny versions (a smoke check that everything still executes, not a measurement);
+``--only 1 3`` runs a subset. Results are printed and written as Markdown (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from bench import cases
+from bench.machine import machine_info
+from flower_p2p.results import atomic_write_text
+
+FULL = {
+    "experiment": [],  # the default experiment: pyproject's run config, 90 rounds
+    "cache": ["num-rounds=30"],
+    "throughput": [],
+    "scaling": ["finetune=head", "num-rounds=5"],
+    "nodes": [8, 16, 32, 64],
+    "seconds": 10.0,
+}
+QUICK = {
+    "experiment": ["num-nodes=3", "num-rounds=2", "depth=1", "eval-every=1"],
+    "cache": ["num-nodes=3", "num-rounds=3", "depth=2", "eval-every=1"],
+    "throughput": ["depth=1"],
+    "scaling": ["finetune=head", "num-rounds=2", "depth=1"],
+    "nodes": [4],
+    "seconds": 1.0,
+}
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}×" if v < 10 else f"{v:.0f}×"
+
+
+def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
+    """Run the selected measurements; Markdown lines of the results and the raw figures."""
+    raw: dict = {}
+    rows = ["| # | measurement | result | goal | met |", "|---|---|---|---|---|"]
+    if 1 in only:
+        r = raw[1] = cases.engine_vs_plain(settings["experiment"])
+        f, p = r["flower"], r["plain"]
+        rows.append(
+            f"| 1 | Flower engine / plain loop, rounds 2..R: {f['rounds_s']:.1f} s / "
+            f"{p['rounds_s']:.1f} s (whole command: {f['command_s']:.1f} s / "
+            f"{p['command_s']:.1f} s = {_x(r['ratio_command'])}; final mean accuracy "
+            f"{f['final_mean']:.4f} / {p['final_mean']:.4f}, same: "
+            f"{'yes' if r['same_accuracy'] else 'no'}) | {_x(r['ratio_rounds'])} | ≤ 1.10× | "
+            f"{'yes' if r['ratio_rounds'] <= 1.10 else 'no'} |"
+        )
+    if 2 in only:
+        for mode in ("head", "last-k"):
+            r = raw[f"2-{mode}"] = cases.cache_ratio([*settings["cache"], f"finetune={mode}"])
+            goal = "≥ 50×" if mode == "head" else "–"
+            met = ("yes" if r["ratio_rounds"] >= 50 else "no") if mode == "head" else "–"
+            rows.append(
+                f"| 2 | finetune={mode}, no cache / cache, rounds 2..R: "
+                f"{r['off']['rounds_s']:.2f} s / {r['on']['rounds_s']:.3f} s (whole command: "
+                f"{r['off']['command_s']:.1f} s / {r['on']['command_s']:.1f} s = "
+                f"{_x(r['ratio_command'])}; accuracy differs by {r['accuracy_diff']:.4f}) | "
+                f"{_x(r['ratio_rounds'])} | {goal} | {met} |"
+            )
+    if 3 in only:
+        r = raw[3] = cases.throughput(settings["throughput"], settings["seconds"])
+        rows.append(
+            f"| 3 | default model training (batch {r['batch']}, {r['threads']} threads): "
+            f"{r['images_s']:.0f} images/s × {r['gflop_per_image']:.4f} GFLOP/image = "
+            f"{r['model_gflops']:.1f} GFLOP/s of a {r['matmul_gflops']:.1f} GFLOP/s fp32 "
+            f"matmul rate | {100 * r['fraction']:.1f} % | – | – |"
+        )
+    if 4 in only:
+        r = raw[4] = cases.scaling(settings["scaling"], settings["nodes"])
+        for row in r:
+            big = row["nodes"] == max(settings["nodes"])
+            rows.append(
+                f"| 4 | {row['nodes']} head-only nodes: wall per round (median, rounds 2..R), "
+                f"peak memory (PSS) of the process tree (RSS sum {row['peak_rss_gib']:.2f} GiB; "
+                f"whole command {row['command_s']:.0f} s) | "
+                f"{row['round_s']:.2f} s/round, {row['peak_gib']:.2f} GiB | "
+                f"{'< 4 GiB' if big else '–'} | "
+                f"{('yes' if row['peak_gib'] < 4 else 'no') if big else '–'} |"
+            )
+    return rows, raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run, print, write Markdown."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check")
+    parser.add_argument("--only", type=int, nargs="+", choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
+    parser.add_argument("--nodes", type=int, nargs="+", help="node counts of measurement 4")
+    parser.add_argument("--out", default=None, help="Markdown file (default bench/results.md; "
+                        "none with --quick)")  # fmt: skip
+    args = parser.parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    if args.nodes:
+        settings["nodes"] = args.nodes
+    info = machine_info()
+    start = time.perf_counter()
+    rows, raw = run(settings, set(args.only))
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, GPU: "
+        f"{info['gpu']}; Python {info['python']}, torch {info['torch']}, flwr {info['flwr']}, "
+        f"timm {info['timm']}; 1-min load average at start: {info['load_avg_1min']}.",
+        f"Settings: {'--quick' if args.quick else 'full'}; bench took "
+        f"{time.perf_counter() - start:.0f} s.",
+        "",
+        *rows,
+    ]
+    if 4 in raw:
+        last = raw[4][-1]
+        procs = ", ".join(f"{k}×{v}" for k, v in sorted(last["peak_processes"].items()))
+        lines += ["", f"Processes at the peak of {last['nodes']} nodes: {procs}.",
+                  f"Cache: {last['prefix_cache']}."]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or (None if args.quick else str(Path(__file__).parent / "results.md"))
+    if out:
+        atomic_write_text(Path(out), text)
+        print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
