@@ -16,17 +16,16 @@ batches, compression draws, random matchings and faults all come from generators
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from flower_p2p.registry import ConfigError
-from flower_p2p.results import prepare_out_dir, write_json
+from flower_p2p.results import atomic_write_bytes, prepare_out_dir, write_json
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "latest.json"
@@ -47,18 +46,10 @@ def node_file(folder: Path, node: int) -> Path:
 
 
 def write_npz(path: Path, arrays: Arrays) -> None:
-    """Atomically write named arrays (temporary file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically write named arrays (``results.atomic_write_bytes``: temporary file, rename)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def read_npz(path: Path) -> Arrays:
