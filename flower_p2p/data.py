@@ -179,7 +179,8 @@ def _class_names(ds: Dataset, label_column: str) -> tuple[str, ...]:
     return tuple(str(v) for v in sorted(set(ds[label_column])))
 
 
-def _data_key(cfg: ExperimentConfig) -> tuple:
+def data_key(cfg: ExperimentConfig) -> tuple:
+    """The config keys that decide a run's data: equal keys, identical partitions and test split."""
     return (
         cfg.dataset, cfg.image_column, cfg.label_column, cfg.test_fraction, cfg.partitioner,
         cfg.alpha, cfg.classes_per_node, cfg.unseen_layout, cfg.num_nodes, cfg.seed,
@@ -188,7 +189,7 @@ def _data_key(cfg: ExperimentConfig) -> tuple:
 
 def load_data(cfg: ExperimentConfig) -> DataBundle:
     """Partitions and test split for ``cfg``; cached per process (nodes share a process in sims)."""
-    return _load_data_cached(_data_key(cfg), cfg)
+    return _load_data_cached(data_key(cfg), cfg)
 
 
 @functools.lru_cache(maxsize=4)

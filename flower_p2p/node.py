@@ -17,7 +17,7 @@ import torch
 
 from flower_p2p import prefix_cache
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.data import DataBundle, _data_key, load_data, make_transform, to_tensors
+from flower_p2p.data import DataBundle, data_key, load_data, make_transform, to_tensors
 from flower_p2p.faults import check_injected_failure, local_steps
 from flower_p2p.models import (
     apply_finetune,
@@ -64,7 +64,7 @@ class NodeRuntime:
         self.train_x, self.train_y = to_tensors(train, bundle, transform)
         # The classes this node trains on; test samples of the others are its "unseen" ones.
         self.seen_classes = torch.unique(self.train_y)
-        self.test_x, self.test_y = _test_tensors(_data_key(cfg), cfg.img_size or 224, norm, bundle)
+        self.test_x, self.test_y = _test_tensors(data_key(cfg), cfg.img_size or 224, norm, bundle)
         self.cache = prefix_cache.plan(
             cfg, self.model, self.trainable, len(self.train_y), len(self.test_y),
             tuple(self.train_x.shape[1:]), self.device,

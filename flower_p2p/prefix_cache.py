@@ -183,7 +183,7 @@ def checkpoint_fingerprint(cfg: ExperimentConfig) -> tuple:
 
 def cache_key(cfg: ExperimentConfig, mean: tuple, std: tuple, part: str) -> str:
     """Hash of everything the cached activations depend on (``part``: e.g. 'test', 'node-3')."""
-    from flower_p2p.data import _data_key
+    from flower_p2p.data import data_key
     from flower_p2p.models import architecture_overrides
 
     fields = {
@@ -194,7 +194,7 @@ def cache_key(cfg: ExperimentConfig, mean: tuple, std: tuple, part: str) -> str:
         "finetune": cfg.finetune,
         "last_k": cfg.last_k if cfg.finetune == "last-k" else None,
         "preprocessing": {"img_size": cfg.img_size, "mean": list(mean), "std": list(std)},
-        "data": list(_data_key(cfg)),
+        "data": list(data_key(cfg)),
         "part": part,
         "timm": timm.__version__,
         "torch": torch.__version__,
