@@ -57,6 +57,7 @@ class ExperimentConfig:
     cache_max_mb: int = 1024
     local_epochs: int = 1
     local_steps: int = 2
+    restricted_softmax: float = 1.0
     optimizer: str = "adamw"
     lr: float = 1e-3
     lr_schedule: str = "cosine"
@@ -174,6 +175,13 @@ class ExperimentConfig:
         from flower_p2p.prefix_cache import check_mode
 
         check_mode(self.prefix_cache)
+        if not 0.0 <= self.restricted_softmax <= 1.0:
+            raise ConfigError(
+                "restricted-softmax",
+                self.restricted_softmax,
+                "a scale in [0, 1] for the logits of a node's missing classes (1: plain "
+                "cross-entropy)",
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:

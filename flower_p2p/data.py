@@ -4,6 +4,8 @@
 
 * ``digits``: scikit-learn's bundled 8x8 digits as a ``datasets.Dataset`` (Image + ClassLabel),
   the offline default;
+* ``glyphs``: the project's synthetic printed letters in digits' 8x8 format (``glyphs.py``), the
+  offline pretraining source;
 * a local folder: a ``save_to_disk`` folder, a folder of parquet files, or an imagefolder;
 * any other string: a Hugging Face hub dataset, loaded through ``flwr_datasets.FederatedDataset``.
 
@@ -34,6 +36,7 @@ from PIL import Image as PILImage
 from torchvision import transforms
 
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.glyphs import glyphs_dataset
 from flower_p2p.registry import ConfigError, Registry
 from flower_p2p.unseen import unseen_partitioner
 
@@ -89,7 +92,9 @@ def _unseen(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Parti
 def check_dataset_spec(spec: str) -> None:
     """Refuse a dataset spec that is certainly wrong without touching the network."""
     if not spec or not spec.strip():
-        raise ConfigError("dataset", spec, "digits, a local dataset folder or a hub dataset name")
+        raise ConfigError(
+            "dataset", spec, "digits, glyphs, a local dataset folder or a hub dataset name"
+        )
     if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
         raise ConfigError("dataset", spec, "an existing local dataset folder")
 
@@ -106,6 +111,10 @@ def digits_dataset() -> Dataset:
         {"image": [PILImage.fromarray(p, mode="L") for p in pixels], "label": raw.target.tolist()},
         features=features,
     )
+
+
+# Datasets the project makes offline, by name; anything else is a local folder or a hub name.
+BUILTIN_DATASETS = {"digits": digits_dataset, "glyphs": glyphs_dataset}
 
 
 def _load_local(path: Path) -> DatasetDict:
@@ -196,9 +205,11 @@ def load_data(cfg: ExperimentConfig) -> DataBundle:
 def _load_data_cached(key: tuple, cfg: ExperimentConfig) -> DataBundle:
     spec = cfg.dataset
     local = Path(spec).expanduser()
-    if spec == "digits" or local.exists():
+    if spec in BUILTIN_DATASETS or local.exists():
         splits = (
-            DatasetDict({"train": digits_dataset()}) if spec == "digits" else _load_local(local)
+            DatasetDict({"train": BUILTIN_DATASETS[spec]()})
+            if spec in BUILTIN_DATASETS
+            else _load_local(local)
         )
         if "train" not in splits:
             raise ConfigError(
@@ -254,7 +265,7 @@ def _load_hub(cfg: ExperimentConfig) -> tuple[list[Dataset], Dataset, str, str, 
         raise ConfigError(
             "dataset",
             cfg.dataset,
-            "digits, an existing local dataset folder, or a Hugging Face hub dataset "
+            "digits, glyphs, an existing local dataset folder, or a Hugging Face hub dataset "
             f"reachable from here ({type(err).__name__}: {err})",
         ) from err
     probe = load_dataset(cfg.dataset, split="train[:1]")

@@ -35,6 +35,7 @@ from flower_p2p.training import (
     make_optimizer,
     optimizer_state,
     pick_device,
+    restricted_softmax_scale,
     train_epochs,
 )
 from flower_p2p.unseen import unseen_class_accuracy
@@ -64,6 +65,9 @@ class NodeRuntime:
         self.train_x, self.train_y = to_tensors(train, bundle, transform)
         # The classes this node trains on; test samples of the others are its "unseen" ones.
         self.seen_classes = torch.unique(self.train_y)
+        self.logit_scale = restricted_softmax_scale(
+            self.num_classes, self.seen_classes, cfg.restricted_softmax
+        )
         self.test_x, self.test_y = _test_tensors(data_key(cfg), cfg.img_size or 224, norm, bundle)
         self.cache = prefix_cache.plan(
             cfg, self.model, self.trainable, len(self.train_y), len(self.test_y),
@@ -240,7 +244,7 @@ def run_round(
     steps = local_steps(cfg, len(rt.train_y), steps_fraction)
     result.train_loss = train_epochs(
         rt.net, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
-        steps=steps,
+        steps=steps, logit_scale=rt.logit_scale,
     )  # fmt: skip
     result.train_s = time.perf_counter() - t0
     result.params = get_params(rt.model, rt.trainable)

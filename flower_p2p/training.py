@@ -86,20 +86,46 @@ def train_epochs(
     generator: torch.Generator,
     device: torch.device,
     steps: int = 0,
+    logit_scale: torch.Tensor | None = None,
 ) -> float:
-    """Minibatch training for ``epochs`` passes (or ``steps`` batches); returns the mean loss."""
+    """Minibatch training for ``epochs`` passes (or ``steps`` batches); returns the mean loss.
+
+    ``logit_scale`` (one factor per class) multiplies the logits before the cross-entropy:
+    ``restricted_softmax_scale`` builds it for a node that lacks some classes.
+    """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
+    scale = None if logit_scale is None else logit_scale.to(device)
     total, seen = 0.0, 0
     for idx in minibatches(len(labels), batch_size, generator, epochs, steps):
         x, y = images[idx].to(device), labels[idx].to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        logits = model(x)
+        loss = loss_fn(logits if scale is None else logits * scale, y)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
+
+
+def restricted_softmax_scale(
+    num_classes: int, seen: torch.Tensor, alpha: float
+) -> torch.Tensor | None:
+    """FedRS's restricted softmax (Li & Zhan, KDD 2021): missing classes' logits scaled by alpha.
+
+    Trained on its own classes only, a node's cross-entropy pushes every other class's logit
+    down, so its local steps undo what mixing brought in about classes it never holds. Scaling
+    the logits of the classes not in ``seen`` (the class ids the node holds) by ``alpha`` in the
+    local loss damps that: 0 leaves the missing classes' head rows untouched by local training
+    (only mixing moves them), 1 is plain cross-entropy (None: nothing to scale). Evaluation
+    always uses the plain logits.
+    """
+    if alpha >= 1.0 or len(seen) >= num_classes:
+        return None
+    scale = torch.full((num_classes,), float(alpha))
+    scale[seen.long()] = 1.0
+    return scale
 
 
 @torch.no_grad()

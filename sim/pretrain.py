@@ -8,18 +8,21 @@ another architecture.
 
 Source tasks (``source``):
 
-* ``rotation`` (default): self-supervised rotation prediction (0/90/180/270 degrees, 4 classes,
-  Gidaris et al. 2018) on the images of the source dataset's ``train`` split. No label is used.
-* ``supervised``: the source dataset's own labels.
+* ``supervised`` (default): the source dataset's own labels.
+* ``rotation``: self-supervised rotation prediction (0/90/180/270 degrees, 4 classes, Gidaris et
+  al. 2018) on the images of the source dataset's ``train`` split. No label is used.
 
-``source-dataset`` defaults to the downstream ``dataset`` (offline: the bundled digits). Only its
-``train`` split is ever read; for a dataset without a ``test`` split that is the same train pool
-the downstream run partitions (``test-fraction`` carved with the fixed seed 0), so the
-downstream test images are never seen. A ``holdout`` fraction of that pool (seeded) measures the
-source-task accuracy. With the defaults (rotation on the digits train pool) the backbone sees the
-downstream training images but no label and no test image; ``source=supervised`` on the
-downstream dataset would put the downstream labels into the backbone (a weaker claim for any
-"learning the unseen" result), and is recorded as such in the sidecar.
+``source-dataset`` defaults to ``glyphs``: the project's synthetic printed letters in digits'
+8x8 format (``flower_p2p/glyphs.py``), rendered offline from matplotlib's fonts. It shares no
+image, no class and no label with the downstream digits: the backbone learns strokes at digits'
+scale, the way an ImageNet backbone learns edges and textures for a downstream photo task. ``""``
+means the downstream ``dataset`` itself; only its ``train`` split is ever read (for a dataset
+without a ``test`` split that is the train pool the downstream run partitions, ``test-fraction``
+carved with the fixed seed 0), so the downstream test images are never seen. ``source=rotation
+source-dataset=""`` uses the downstream training images without labels; ``source=supervised
+source-dataset=""`` puts the downstream labels into the backbone (a weaker claim for any
+"learning the unseen" result) and is recorded as such in the sidecar. A ``holdout`` fraction of
+the source pool (seeded) measures the source-task accuracy.
 
 Training uses ``flower_p2p.training``'s loops and ``flower_p2p.models``' factory: nothing here
 re-implements them. Architecture and optimizer keys (``model``, ``img-size``, ``patch-size``,
@@ -60,9 +63,9 @@ SOURCES: Registry = Registry("source")
 class PretrainConfig:
     """The pretraining keys (``source-dataset`` <-> ``source_dataset``); the rest are run keys."""
 
-    source: str = "rotation"
-    source_dataset: str = ""  # "": the downstream `dataset`
-    epochs: int = 15
+    source: str = "supervised"
+    source_dataset: str = "glyphs"  # "": the downstream `dataset`
+    epochs: int = 20
     steps: int = 0  # > 0: exactly this many optimizer steps instead of `epochs` (quick checks)
     holdout: float = 0.1
     checkpoint: str = "checkpoints/pretrained.safetensors"

@@ -32,6 +32,8 @@ CASES = [
     ("range-alpha", {"alpha": 0.0}, "alpha", None, "a Dirichlet concentration > 0"),
     ("range-alpha-neg", {"alpha": -1}, "alpha", -1.0, "> 0"),
     ("range-lr", {"lr": -0.1}, "lr", None, "a learning rate > 0"),
+    ("range-restricted-softmax", {"restricted-softmax": 1.5}, "restricted-softmax", None,
+     "a scale in [0, 1]"),
     ("range-test-fraction", {"test-fraction": 1.5}, "test-fraction", None, "(0, 1)"),
     ("range-gamma", {"strategy": "choco", "gamma": 0.0}, "gamma", None, "(0, 1]"),
     ("range-edge-prob", {"topology": "erdos-renyi", "edge-prob": 1.5}, "edge-prob", None,
