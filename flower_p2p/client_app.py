@@ -11,7 +11,7 @@ from flower_p2p.checkpoint import node_file, read_node_state, write_node_state
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.node import RoundResult, algorithm_for, mixing_inputs, node_runtime, run_round
 from flower_p2p.results import node_params_path, write_params
-from flower_p2p.wire import from_record, payload_bytes, to_record, unpack_inbox
+from flower_p2p.wire import MONITOR, from_record, payload_bytes, to_record, unpack_inbox
 
 app = ClientApp()
 
@@ -66,10 +66,13 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
     state[STATE_ALGO] = to_record(result.state)
     state[STATE_OPTIM] = to_record(result.optimizer)
     out = to_record(result.message, reuse=(result.params, kept))
-    return Message(
-        RecordDict({"out": out, "metrics": _metrics(result, payload_bytes(out) if out else 0)}),
-        reply_to=msg,
+    content = RecordDict(
+        {"out": out, "metrics": _metrics(result, payload_bytes(out) if out else 0)}
     )
+    if result.accuracy is not None:
+        # monitoring only (the relay's consensus distance), not traffic between nodes
+        content[MONITOR] = to_record(result.combined)
+    return Message(content, reply_to=msg)
 
 
 def _metrics(result: RoundResult, sent: int) -> MetricRecord:

@@ -120,7 +120,18 @@ class ExperimentConfig:
             raise ConfigError("strategy", self.strategy, f"one of {', '.join(strategy_names())}")
         from flower_p2p.node import algorithm_for
 
-        algorithm_for(self)  # strategy hyperparameters (gamma, compressor, ...) checked here
+        algo = algorithm_for(self)  # strategy hyperparameters (gamma, compressor, ...) checked
+        if not algo.tolerates_lost_messages:
+            for key in ("link-drop", "node-dropout", "fail-every"):
+                if getattr(self, key.replace("-", "_")):
+                    raise ConfigError(
+                        key,
+                        getattr(self, key.replace("-", "_")),
+                        f"0 with strategy={self.strategy}: its nodes keep copies of their "
+                        "neighbours' public models in sync by increments, and one lost message "
+                        "desynchronises a copy for the rest of the run (dsgd, push-sum and "
+                        "gradient-tracking run with faults)",
+                    )
         if self.strategy not in ("centralized", "local") and self.num_nodes < 2:
             raise ConfigError("num-nodes", self.num_nodes, f"at least 2 for {self.strategy}")
         if (

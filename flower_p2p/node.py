@@ -27,6 +27,7 @@ from flower_p2p.models import (
     set_params,
     shared_names,
 )
+from flower_p2p.network import CENTRALIZED_NODE
 from flower_p2p.schedules import topology_at
 from flower_p2p.training import (
     evaluate,
@@ -41,7 +42,8 @@ from flower_p2p.training import (
 from flower_p2p.unseen import unseen_class_accuracy
 from strategies import GossipAlgorithm, Params, State
 
-CENTRALIZED_NODE = 0
+__all__ = ["CENTRALIZED_NODE", "NodeRuntime", "RoundResult", "algorithm_for", "mixing_inputs",
+           "node_runtime", "run_round"]  # fmt: skip
 
 
 class NodeRuntime:
@@ -152,6 +154,8 @@ class RoundResult:
     """Everything a round produces at one node."""
 
     params: Params
+    # the shared parameters after combining: the model the node evaluates (and consensus measures)
+    combined: Params
     message: Params
     state: State
     optimizer: Params
@@ -162,13 +166,6 @@ class RoundResult:
     unseen_accuracy: float | None = None
     train_s: float = 0.0
     eval_s: float = 0.0
-
-
-def senders(cfg: ExperimentConfig, algo: GossipAlgorithm, node: int, rnd: int) -> tuple[int, ...]:
-    """Who ``node`` hears from among the messages sent in round ``rnd`` (none before round 1)."""
-    if not algo.communicates or cfg.strategy == "centralized" or rnd < 1:
-        return ()
-    return topology_at(cfg, rnd).in_neighbours[node]
 
 
 def mixing_inputs(
@@ -227,8 +224,8 @@ def run_round(
     shared = algo.combine(shared, state, inbox, weights, rt.node, **kwargs)
     params = {**params, **shared}
     set_params(rt.model, params)
-    result = RoundResult(params=params, message={}, state=state, optimizer=optimizer or {},
-                         train_loss=float("nan"))  # fmt: skip
+    result = RoundResult(params=params, combined=shared, message={}, state=state,
+                         optimizer=optimizer or {}, train_loss=float("nan"))  # fmt: skip
     if do_eval:
         t0 = time.perf_counter()
         acc, loss, pred = evaluate(rt.net, rt.test_x, rt.test_y, 256, rt.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
@@ -105,6 +106,44 @@ def _scheduled(spec: str, mixing: str, n: int, seed: int, key: int) -> Topology:
     return Topology(graph=g, weights=w, name=spec, mixing=mixing)
 
 
+@dataclass(frozen=True)
+class Reach:
+    """Who hears whom over a whole run: the union of the graphs of rounds 1 .. num-rounds."""
+
+    in_neighbours: tuple[tuple[int, ...], ...]
+    out_neighbours: tuple[tuple[int, ...], ...]
+
+
+def reach_topology(cfg) -> Reach:  # cfg: ExperimentConfig
+    """The union of the graphs that messages travel over in the run's rounds.
+
+    An algorithm that keeps copies of its neighbours' state (CHOCO) must send to every node that
+    will ever mix with it, in every round: on a static graph that is the graph, on a schedule the
+    union of its graphs (for ``random-matching`` over a long run, nearly every pair).
+    """
+    return _reach(cfg)
+
+
+@functools.lru_cache(maxsize=16)
+def _reach(cfg) -> Reach:  # cfg: ExperimentConfig (frozen, hashable)
+    spec, n, rounds = cfg.topology, cfg.num_nodes, cfg.num_rounds
+    if not is_schedule(spec) or cfg.strategy == "fedavg":
+        topo = topology_at(cfg, 1)
+        return Reach(topo.in_neighbours, topo.out_neighbours)
+    # the exponential schedules repeat with their period: no need to walk every round
+    last = rounds if spec == "random-matching" else min(rounds, len(_hops(n)))
+    ins: list[set[int]] = [set() for _ in range(n)]
+    for rnd in range(1, last + 1):
+        topo = topology_at(cfg, rnd)
+        for i in range(n):
+            ins[i].update(topo.in_neighbours[i])
+    outs: list[set[int]] = [set() for _ in range(n)]
+    for i, senders in enumerate(ins):
+        for j in senders:
+            outs[j].add(i)
+    return Reach(tuple(tuple(sorted(s)) for s in ins), tuple(tuple(sorted(s)) for s in outs))
+
+
 def check_schedule(cfg, rounds: int | None = None) -> None:  # cfg: ExperimentConfig
     """Validate the weights of the first ``rounds`` rounds and the union graph's connectivity."""
     if not is_schedule(cfg.topology):
@@ -147,5 +186,5 @@ def period_spectral_gap(cfg) -> float | None:  # cfg: ExperimentConfig
     return float(1.0 - mags[1])
 
 
-__all__ = ["GRAPHS", "SCHEDULES", "check_schedule", "is_schedule", "period_spectral_gap",
-           "topology_at"]  # fmt: skip
+__all__ = ["GRAPHS", "SCHEDULES", "Reach", "check_schedule", "is_schedule",
+           "period_spectral_gap", "reach_topology", "topology_at"]  # fmt: skip

@@ -1,7 +1,8 @@
 """ServerApp: only the network. It relays each node's message to that node's neighbours.
 
-It never combines models. From what it relays it computes one monitoring figure (consensus
-distance), which nothing feeds back into training. As the network it also decides the faults
+It never combines models. From the models the nodes report after evaluating it computes one
+monitoring figure (consensus distance, ``flower_p2p.consensus``), which nothing feeds back into
+training. As the network it also decides the faults
 of a simulated run (``flower_p2p.faults``: dropped nodes get no message, lost messages are not
 delivered). It writes the results folder and, every ``checkpoint-every`` rounds, has the nodes
 and then itself write a checkpoint (``flower_p2p.checkpoint``).
@@ -22,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_p2p import prefix_cache
 from flower_p2p.checkpoint import (
+    Checkpoint,
     commit,
     open_out_dir,
     remove_temp_files,
@@ -29,10 +31,12 @@ from flower_p2p.checkpoint import (
     write_relay_state,
 )
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.consensus import ConsensusMeter
 from flower_p2p.data import load_data
-from flower_p2p.faults import FaultLog, deliver, fault_plan
-from flower_p2p.models import apply_finetune, create_model, param_group, shared_names
-from flower_p2p.node import CENTRALIZED_NODE, algorithm_for, senders
+from flower_p2p.faults import FaultLog
+from flower_p2p.models import apply_finetune, create_model, shared_names
+from flower_p2p.network import CENTRALIZED_NODE, Network, Traffic
+from flower_p2p.node import algorithm_for
 from flower_p2p.results import (
     FINAL_DIR,
     package_versions,
@@ -41,7 +45,8 @@ from flower_p2p.results import (
     write_jsonl,
 )
 from flower_p2p.schedules import period_spectral_gap, topology_at
-from flower_p2p.wire import from_record, pack_inbox, to_record
+from flower_p2p.wire import MONITOR, from_record, pack_inbox, payload_bytes, to_record
+from strategies.fedavg import COUNT_KEY as FEDAVG_COUNT_KEY
 
 app = ServerApp()
 
@@ -104,39 +109,41 @@ def discover_nodes(grid: Grid, needed: list[int], wait_s: float = NODE_WAIT_S) -
     return {p: mapping[p] for p in needed}
 
 
-def consensus_by_group(messages: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Monitoring only: mean over nodes of ||x_i - mean_j x_j||^2 over the relayed arrays.
-
-    Split by parameter group (``param_group``: attn, mlp, norm, head, ...); the groups sum to the
-    consensus distance over all relayed arrays.
-    """
-    keys = sorted(set.intersection(*(set(m) for m in messages)))
-    if len(messages) < 2 or not keys:
-        return {}
-    by_group: dict[str, float] = {}
-    for k in keys:
-        stack = np.stack([m[k].astype(np.float64) for m in messages])
-        spread = float(((stack - stack.mean(axis=0)) ** 2).sum()) / len(messages)
-        by_group[param_group(k)] = by_group.get(param_group(k), 0.0) + spread
-    return by_group
-
-
 class Recorder:
-    """Collects per-(round, node) metrics and writes them atomically as they complete."""
+    """metrics.jsonl (per round and node) and network.jsonl (per round), rewritten as they grow.
+
+    A network record of round r is complete once the models after round r were evaluated (in
+    round r + 1's exchange): only then is it written, with their consensus distance.
+    """
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.records: dict[tuple[int, int], dict] = {}
         self.network: list[dict] = []
+        self.pending: dict | None = None
 
     def update(self, rnd: int, node: int, **values: float | None) -> None:
         """Merge values into the record of (round, node)."""
         rec = self.records.setdefault(
             (rnd, node),
             {"round": rnd, "node": node, "accuracy": None, "unseen_accuracy": None, "loss": None,
-             "train_loss": None, "bytes_sent": 0},
+             "train_loss": None, "bytes_sent": 0, "bytes_received": 0, "network_bytes": 0},
         )  # fmt: skip
         rec.update(values)
+
+    def close_round(self, record: dict) -> None:
+        """Round ``record['round']`` is over; its record waits for the next evaluation."""
+        self.complete_pending(None)
+        self.pending = record
+
+    def complete_pending(self, by_group: dict[str, float] | None) -> None:
+        """Write the waiting round record, with the consensus of its evaluated models if any."""
+        if self.pending is None:
+            return
+        self.pending["consensus_distance"] = sum(by_group.values()) if by_group else None
+        self.pending["consensus_by_group"] = by_group or None
+        self.network.append(self.pending)
+        self.pending = None
 
     def flush(self) -> None:
         """Rewrite metrics.jsonl and network.jsonl with everything recorded so far."""
@@ -147,13 +154,6 @@ class Recorder:
     def round_accuracies(self, rnd: int, key: str = "accuracy") -> list[float]:
         """Accuracies (or another metric ``key``) recorded for round ``rnd``."""
         return [r[key] for (t, _), r in self.records.items() if t == rnd and r[key] is not None]
-
-
-def neighbour_inbox(
-    node: int, neighbours: tuple[int, ...], last_out: dict[int, ArrayRecord]
-) -> dict[int, ArrayRecord]:
-    """What the relay delivers to ``node``: the last message of each of its neighbours, only."""
-    return {j: last_out[j] for j in neighbours if j in last_out}
 
 
 def _train_message(
@@ -190,6 +190,153 @@ def _ask_every_node(grid: Grid, node_ids: dict[int, int], action: str, path: Pat
     return errors
 
 
+class Relay:
+    """One run's network as the ServerApp plays it: deliver, collect the replies, count, record.
+
+    Messages and their routes come from ``network.Network`` (also used by the plain loop);
+    bytes from ``network.Traffic``; the relay combines no model.
+    """
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, out: Path, node_ids: dict[int, int]):
+        self.grid, self.cfg, self.out, self.node_ids = grid, cfg, out, node_ids
+        self.pid_of = {nid: pid for pid, nid in node_ids.items()}
+        self.network = Network(cfg, algorithm_for(cfg))
+        self.nodes = self.network.nodes
+        self.rec = Recorder(out)
+        self.traffic = Traffic.start(self.nodes)
+        self.faults = FaultLog()
+        # Messages sent in the last round, delivered (minus lost links) in the next one.
+        self.last_out: dict[int, ArrayRecord] = {}
+        self.start = time.perf_counter()
+        for p in self.nodes:
+            self.rec.update(0, p, **self.traffic.record(p))
+
+    def restore(self, resumed: Checkpoint) -> int:
+        """Continue from a checkpoint: the nodes restore theirs; returns the next round."""
+        errors = _ask_every_node(self.grid, self.node_ids, "restore", resumed.folder)
+        if errors:
+            raise RuntimeError(f"could not restore {resumed.folder}: {'; '.join(errors)}")
+        state = resumed.relay
+        self.rec.records = {(r["round"], r["node"]): r for r in state["records"]}
+        self.rec.network, self.rec.pending = state["network"], state["pending"]
+        self.traffic = Traffic.from_dict(state["traffic"])
+        self.faults = FaultLog.from_dict(state["faults"])
+        self.last_out = {j: to_record(m) for j, m in resumed.last_out.items()}
+        self.start = time.perf_counter() - state["elapsed_s"]
+        log(INFO, "resuming after round %d from %s", resumed.round, resumed.folder)
+        return resumed.round + 1
+
+    def exchange(self, rnd: int, evaluate: bool, kind: str) -> dict:
+        """Round ``rnd``: deliver round ``rnd - 1``'s messages, collect replies; its faults."""
+        delivery = self.network.deliver(rnd, self.last_out)
+        self.faults.planned(delivery.plan)
+        self.faults.link_drops += delivery.lost
+        final_dir = str(self.out / FINAL_DIR) if kind == MessageType.EVALUATE else ""
+        msgs = []
+        for p, inbox in delivery.inboxes.items():
+            self._count_delivery(rnd, p, inbox)
+            fraction = self.cfg.straggler_fraction if p in delivery.plan.stragglers else 1.0
+            msgs.append(_train_message(rnd, evaluate, inbox, self.node_ids[p], kind, fraction,
+                                       final_dir))  # fmt: skip
+        meter = ConsensusMeter()
+        new_out: dict[int, ArrayRecord] = {}
+        failed = []
+        for reply in self.grid.send_and_receive(msgs) if msgs else []:
+            pid = self.pid_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                self._node_failed(pid, rnd, reply)  # counts as dropped for this round
+                failed.append(pid)
+                continue
+            m = reply.content.metric_records["metrics"]
+            if evaluate:
+                self.rec.update(rnd - 1, pid, accuracy=m["accuracy"], loss=m["loss"],
+                                unseen_accuracy=m.get("unseen_accuracy"))  # fmt: skip
+                if MONITOR in reply.content.array_records:
+                    meter.add(from_record(reply.content.array_records[MONITOR]))
+            if kind == MessageType.TRAIN:
+                payload = reply.content.array_records["out"]
+                if len(payload):
+                    new_out[pid] = payload
+                    receivers = 1 if self.network.server_average else len(
+                        self.network.receivers(pid, rnd))  # fmt: skip
+                    self.traffic.count_sent(pid, int(m["payload_bytes"]), receivers)
+                self.rec.update(rnd, pid, train_loss=m["train_loss"])
+        if evaluate:
+            self.rec.complete_pending(meter.by_group())
+        if kind == MessageType.TRAIN:
+            self.last_out = new_out
+            for p in self.nodes:  # dropped and failed nodes too: nothing trained or sent
+                self.rec.update(rnd, p, **self.traffic.record(p))
+        return {"dropped": sorted(delivery.plan.dropped),
+                "stragglers": sorted(delivery.plan.stragglers),
+                "link_drops": delivery.lost, "failed": sorted(failed)}  # fmt: skip
+
+    def _count_delivery(self, rnd: int, node: int, inbox: dict[int, ArrayRecord]) -> None:
+        """Bytes delivered to ``node`` now belong to the round they were sent in (``rnd - 1``)."""
+        if self.network.server_average:
+            # the (virtual) server's broadcast of the average: the model without the count
+            upload = next(iter(inbox.values()), None)
+            model = {} if upload is None else {
+                k: v for k, v in upload.items() if k != FEDAVG_COUNT_KEY}  # fmt: skip
+            self.traffic.count_delivery(node, [], ArrayRecord(model).count_bytes() if model else 0)
+        else:
+            self.traffic.count_delivery(node, [payload_bytes(m) for m in inbox.values()])
+        self.rec.update(rnd - 1, node, **self.traffic.record(node))
+
+    def _node_failed(self, pid: int, rnd: int, reply: Message) -> None:
+        if reply.error.code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
+            # Not the node's code but the runtime (e.g. Ray killed a worker when memory ran
+            # out): later rounds would fail too, so stop rather than train nothing.
+            raise RuntimeError(
+                f"the simulation runtime failed for node {pid} in round {rnd}: "
+                f"{reply.error.reason}"
+                + ("; continue with resume=true" if self.cfg.checkpoint_every else "")
+            )
+        self.faults.error(pid, rnd, reply.error.reason)
+
+    def checkpoint(self, rnd: int) -> None:
+        """Nodes write their state, then the relay its own, then the manifest commits."""
+        folder = round_dir(self.out, rnd)
+        errors = _ask_every_node(self.grid, self.node_ids, "checkpoint", folder)
+        if errors:
+            log(WARNING, "checkpoint after round %d skipped: %s", rnd, "; ".join(errors))
+            return
+        relay_state = {
+            "records": [self.rec.records[k] for k in sorted(self.rec.records)],
+            "network": self.rec.network,
+            "pending": self.rec.pending,
+            "traffic": self.traffic.to_dict(),
+            "faults": self.faults.to_dict(),
+            "elapsed_s": self.elapsed(),
+        }
+        last_out = {j: from_record(m) for j, m in self.last_out.items()}
+        write_relay_state(folder, relay_state, last_out)
+        commit(self.out, rnd, self.cfg.to_run_config())
+
+    def elapsed(self) -> float:
+        """Seconds since the run started (resumed runs include the interrupted part)."""
+        return time.perf_counter() - self.start
+
+    def run(self, first_round: int) -> None:
+        """Rounds ``first_round`` .. num-rounds, then the final evaluation."""
+        cfg = self.cfg
+        for rnd in range(first_round, cfg.num_rounds + 1):
+            evaluate = (rnd - 1) % cfg.eval_every == 0
+            round_faults = self.exchange(rnd, evaluate, MessageType.TRAIN)
+            # Timings live here, not in metrics.jsonl, so that metrics.jsonl is deterministic.
+            self.rec.close_round({"round": rnd, "wall_s": self.elapsed(), "faults": round_faults})
+            self.rec.flush()
+            if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
+                self.checkpoint(rnd)
+            accs = self.rec.round_accuracies(rnd - 1)
+            if accs:  # evaluation happens every eval-every rounds, on the combined models
+                log(INFO, "round %d/%d  mean node accuracy after round %d: %.1f%% (worst "
+                    "%.1f%%)  elapsed %.1fs", rnd, cfg.num_rounds, rnd - 1, 100 * np.mean(accs),
+                    100 * np.min(accs), self.elapsed())  # fmt: skip
+        self.exchange(cfg.num_rounds + 1, True, MessageType.EVALUATE)
+        self.rec.flush()
+
+
 def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     """Run every round through ``grid`` and write the results folder; returns its path."""
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
@@ -205,135 +352,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     log(INFO, "flower-p2p: strategy=%s, %d nodes, results in %s", cfg.strategy, cfg.num_nodes, out)
     log(INFO, "frozen-prefix cache %s", cache)
     nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
-    node_ids = discover_nodes(grid, nodes)
-    pid_of = {nid: pid for pid, nid in node_ids.items()}
-    algo = algorithm_for(cfg)
-    relays = algo.communicates and cfg.strategy != "centralized"
-
-    def fan_out(p: int, rnd: int) -> int:
-        """How many nodes node p's round-``rnd`` message is unicast to."""
-        if cfg.strategy == "fedavg":
-            return 1  # the reference's one upload to a (virtual) server
-        return len(topology_at(cfg, rnd).out_neighbours[p]) if relays else 0
-
-    rec = Recorder(out)
-    sent = dict.fromkeys(nodes, 0)
-    faults = FaultLog()
-    # Messages sent in the last round, delivered (minus lost links) in the next one.
-    last_out: dict[int, ArrayRecord] = {}
-    first_round, elapsed = 1, 0.0
-    if resumed is not None:
-        errors = _ask_every_node(grid, node_ids, "restore", resumed.folder)
-        if errors:
-            raise RuntimeError(f"could not restore {resumed.folder}: {'; '.join(errors)}")
-        relay_state = resumed.relay
-        rec.records = {(r["round"], r["node"]): r for r in relay_state["records"]}
-        rec.network = relay_state["network"]
-        sent = {int(p): v for p, v in relay_state["sent"].items()}
-        faults = FaultLog.from_dict(relay_state["faults"])
-        last_out = {j: to_record(m) for j, m in resumed.last_out.items()}
-        first_round, elapsed = resumed.round + 1, relay_state["elapsed_s"]
-        log(INFO, "resuming after round %d from %s", resumed.round, resumed.folder)
-    else:
-        for p in nodes:
-            rec.update(0, p, bytes_sent=0)
-    start = time.perf_counter() - elapsed
-
-    def relay(rnd: int, evaluate: bool, kind: str) -> dict:
-        """One round: deliver, collect replies; returns the round's fault record."""
-        nonlocal last_out
-        plan = fault_plan(cfg, rnd)
-        faults.planned(plan)
-        active = [p for p in nodes if p not in plan.dropped]
-        msgs, lost = [], 0
-        for p in active:
-            inbox, n_lost = deliver(plan, p, senders(cfg, algo, p, rnd - 1), last_out)
-            lost += n_lost
-            fraction = cfg.straggler_fraction if p in plan.stragglers else 1.0
-            final_dir = str(out / FINAL_DIR) if kind == MessageType.EVALUATE else ""
-            msgs.append(
-                _train_message(rnd, evaluate, inbox, node_ids[p], kind, fraction, final_dir)
-            )
-        faults.link_drops += lost
-        new_out: dict[int, ArrayRecord] = {}
-        failed = []
-        for reply in grid.send_and_receive(msgs) if msgs else []:
-            pid = pid_of[reply.metadata.src_node_id]
-            if reply.has_error():
-                if reply.error.code != ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
-                    # Not the node's code but the runtime (e.g. Ray killed a worker when memory
-                    # ran out): later rounds would fail too, so stop rather than train nothing.
-                    raise RuntimeError(
-                        f"the simulation runtime failed for node {pid} in round {rnd}: "
-                        f"{reply.error.reason}"
-                        + ("; continue with resume=true" if cfg.checkpoint_every else "")
-                    )
-                faults.error(pid, rnd, reply.error.reason)  # counts as dropped for this round
-                failed.append(pid)
-                continue
-            m = reply.content.metric_records["metrics"]
-            if evaluate:
-                rec.update(rnd - 1, pid, accuracy=m["accuracy"], loss=m["loss"],
-                           unseen_accuracy=m.get("unseen_accuracy"))  # fmt: skip
-            if kind == MessageType.TRAIN:
-                payload = reply.content.array_records["out"]
-                if len(payload):
-                    new_out[pid] = payload
-                # A P2P node unicasts its message to each neighbour: that is what it sends.
-                sent[pid] += int(m["payload_bytes"]) * fan_out(pid, rnd)
-                rec.update(rnd, pid, train_loss=m["train_loss"], bytes_sent=sent[pid])
-        if kind == MessageType.TRAIN:
-            last_out = new_out
-            for p in nodes:  # dropped and failed nodes: a record with nothing trained or sent
-                rec.update(rnd, p, bytes_sent=sent[p])
-        return {"dropped": sorted(plan.dropped), "stragglers": sorted(plan.stragglers),
-                "link_drops": lost, "failed": sorted(failed)}  # fmt: skip
-
-    def checkpoint(rnd: int) -> None:
-        """Nodes write their state, then the relay its own, then the manifest commits."""
-        folder = round_dir(out, rnd)
-        errors = _ask_every_node(grid, node_ids, "checkpoint", folder)
-        if errors:
-            log(WARNING, "checkpoint after round %d skipped: %s", rnd, "; ".join(errors))
-            return
-        relay_state = {
-            "records": [rec.records[k] for k in sorted(rec.records)],
-            "network": rec.network,
-            "sent": {str(p): v for p, v in sent.items()},
-            "faults": faults.to_dict(),
-            "elapsed_s": time.perf_counter() - start,
-        }
-        write_relay_state(folder, relay_state, {j: from_record(m) for j, m in last_out.items()})
-        commit(out, rnd, cfg.to_run_config())
-
-    for rnd in range(first_round, cfg.num_rounds + 1):
-        evaluate = (rnd - 1) % cfg.eval_every == 0
-        round_faults = relay(rnd, evaluate, MessageType.TRAIN)
-        cd, by_group = None, None
-        if algo.message_is_model and len(last_out) == len(nodes):
-            by_group = consensus_by_group([from_record(last_out[p]) for p in nodes])
-            cd = sum(by_group.values()) if by_group else float("nan")
-        # Timings live here, not in metrics.jsonl, so that metrics.jsonl is deterministic.
-        rec.network.append(
-            {"round": rnd, "consensus_distance": cd, "consensus_by_group": by_group,
-             "wall_s": time.perf_counter() - start, "faults": round_faults}
-        )  # fmt: skip
-        rec.flush()
-        if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
-            checkpoint(rnd)
-        accs = rec.round_accuracies(rnd - 1)
-        if accs:  # evaluation happens every eval-every rounds, on the combined models
-            log(
-                INFO,
-                "round %d/%d  mean node accuracy after round %d: %.1f%% (worst %.1f%%)  "
-                "elapsed %.1fs",
-                rnd, cfg.num_rounds, rnd - 1, 100 * np.mean(accs), 100 * np.min(accs),
-                time.perf_counter() - start,
-            )  # fmt: skip
-    relay(cfg.num_rounds + 1, True, MessageType.EVALUATE)
-    rec.flush()
-    summary = {**summarize(cfg, rec, sent, time.perf_counter() - start), "prefix_cache": cache}
-    summary["faults"] = faults.to_dict()
+    relay = Relay(grid, cfg, out, discover_nodes(grid, nodes))
+    relay.run(relay.restore(resumed) if resumed is not None else 1)
+    summary = {**summarize(cfg, relay.rec, relay.traffic, relay.elapsed()), "prefix_cache": cache}
+    summary["faults"] = relay.faults.to_dict()
     write_json(out / "summary.json", summary)
     log(
         INFO,
@@ -346,12 +368,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     return out
 
 
-def summarize(
-    cfg: ExperimentConfig,
-    rec: Recorder,
-    sent: dict[int, int],
-    wall_s: float,
-) -> dict:
+def summarize(cfg: ExperimentConfig, rec: Recorder, traffic: Traffic, wall_s: float) -> dict:
     """Final figures of a run (accuracy after the last round, bytes, spectral gap, time)."""
     accs = rec.round_accuracies(cfg.num_rounds)
     # over the nodes that lack some class (None when every node has seen every class)
@@ -373,7 +390,6 @@ def summarize(
             if cfg.num_nodes >= 2 and cfg.strategy != "centralized"
             else None
         ),
-        "total_bytes_sent": int(sum(sent.values())),
-        "mean_bytes_sent_per_node": float(np.mean(list(sent.values()))),
+        **traffic.summary(),
         "wall_s": wall_s,
     }

@@ -6,6 +6,9 @@ Server -> node ``train``/``evaluate`` message content:
 Node -> server reply content:
   ``out``         ArrayRecord: what this node sends to its neighbours (empty: nothing to send)
   ``metrics``     MetricRecord: accuracy/loss (when evaluated), train_loss, payload_bytes, timings
+  ``monitor``     ArrayRecord, only when the node evaluated: the shared parameters of the model it
+                  evaluated, for the relay's consensus distance (monitoring, not traffic; never
+                  relayed to any node)
 Server -> node ``query.checkpoint`` / ``query.restore``: ``config`` ConfigRecord with the
 checkpoint folder ``path`` the node writes its state to / reads it from.
 """
@@ -16,6 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 INBOX_PREFIX = "in:"
+MONITOR = "monitor"
 
 
 def to_record(

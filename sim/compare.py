@@ -8,6 +8,7 @@ from pathlib import Path
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.results import prepare_out_dir, resolve_out_dir, write_json
 from sim.plots import plot_folder
+from sim.runs import network_bytes_per_node
 from sim.table import write_md_and_csv
 
 REFERENCES = ("local", "centralized")
@@ -53,11 +54,11 @@ def write_table(out: Path, summaries: dict[str, dict]) -> None:
     header = ["strategy", "mean acc (%)", "worst node acc (%)"]
     if unseen:
         header += ["mean unseen-class acc (%)", "worst node unseen-class acc (%)"]
-    header += ["MB sent per node", "wall (s)"]
+    header += ["MB on the network per node", "wall (s)"]
     rows = []
     for name, s in summaries.items():
         row = [name, _pct(s["accuracy_mean"]), _pct(s["accuracy_min"])]
         if unseen:
             row += [_pct(s.get("unseen_accuracy_mean")), _pct(s.get("unseen_accuracy_min"))]
-        rows.append([*row, f"{s['mean_bytes_sent_per_node'] / 1e6:.2f}", f"{s['wall_s']:.0f}"])
+        rows.append([*row, f"{network_bytes_per_node(s) / 1e6:.2f}", f"{s['wall_s']:.0f}"])
     write_md_and_csv(out, "compare", header, rows)

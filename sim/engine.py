@@ -22,6 +22,9 @@ from flower_p2p.node import CENTRALIZED_NODE
 from flower_p2p.results import resolve_out_dir
 from flower_p2p.server_app import preflight
 
+SERVER_APP = "flower_p2p.server_app:app"
+CLIENT_APP = "flower_p2p.client_app:app"
+
 
 def num_supernodes(cfg: ExperimentConfig) -> int:
     """SuperNodes needed: one per graph node; the centralized reference uses one."""
@@ -54,8 +57,8 @@ def _write_app(app_dir: Path, cfg: ExperimentConfig) -> None:
                 "app": {
                     "publisher": "flower-p2p",
                     "components": {
-                        "serverapp": "flower_p2p.server_app:app",
-                        "clientapp": "flower_p2p.client_app:app",
+                        "serverapp": SERVER_APP,
+                        "clientapp": CLIENT_APP,
                     },
                     "config": cfg.to_run_config(),
                 }
@@ -65,8 +68,13 @@ def _write_app(app_dir: Path, cfg: ExperimentConfig) -> None:
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project))
 
 
-def run_experiment(cfg: ExperimentConfig, verbose: bool = False) -> Path:
-    """Validate, then run ``cfg`` in Flower's simulation engine; returns the results folder."""
+def run_experiment(
+    cfg: ExperimentConfig, verbose: bool = False, server_app: str = SERVER_APP
+) -> Path:
+    """Validate, then run ``cfg`` in Flower's simulation engine; returns the results folder.
+
+    ``server_app`` is the ServerApp's ``module:attribute`` (tests wrap the relay to watch it).
+    """
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import EventType, _run_simulation
 
@@ -79,8 +87,8 @@ def run_experiment(cfg: ExperimentConfig, verbose: bool = False) -> Path:
         _run_simulation(
             num_supernodes=num_supernodes(cfg),
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            server_app_attr="flower_p2p.server_app:app",
-            client_app_attr="flower_p2p.client_app:app",
+            server_app_attr=server_app,
+            client_app_attr=CLIENT_APP,
             backend_name="ray",
             backend_config=backend_config(cfg),
             app_dir=app_dir,

@@ -1,8 +1,8 @@
 """The same training as a Flower run, in a plain single-process loop (no Flower, no Ray).
 
-It calls the very ``run_round`` the ClientApp calls, with the same mixing rows, seeds and faults
-(``flower_p2p.faults``: the same plan and delivery as the relay), so it is the yardstick for the
-simulation engine's overhead (bench) and a fast way to tune settings.
+It calls the very ``run_round`` the ClientApp calls, with the same mixing rows, seeds and faults,
+and delivers through the relay's own ``network.Network`` (same routes, same losses), so it is the
+yardstick for the simulation engine's overhead (bench) and a fast way to tune settings.
 """
 
 from __future__ import annotations
@@ -13,15 +13,9 @@ import time
 import numpy as np
 
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.faults import FaultLog, deliver, fault_plan
-from flower_p2p.node import (
-    CENTRALIZED_NODE,
-    algorithm_for,
-    mixing_inputs,
-    node_runtime,
-    run_round,
-    senders,
-)
+from flower_p2p.faults import FaultLog
+from flower_p2p.network import Network
+from flower_p2p.node import algorithm_for, mixing_inputs, node_runtime, run_round
 
 
 def run_plain(cfg: ExperimentConfig) -> dict:
@@ -30,7 +24,8 @@ def run_plain(cfg: ExperimentConfig) -> dict:
     ``round_s`` holds each round's seconds (the last entry is the final evaluation).
     """
     algo = algorithm_for(cfg)
-    nodes = [CENTRALIZED_NODE] if cfg.strategy == "centralized" else list(range(cfg.num_nodes))
+    network = Network(cfg, algo)
+    nodes = network.nodes
     state = {p: (None, None, None) for p in nodes}
     outbox: dict[int, dict] = {}
     acc: dict[int, list[float]] = {}
@@ -42,15 +37,12 @@ def run_plain(cfg: ExperimentConfig) -> dict:
         t0 = time.perf_counter()
         final = rnd == cfg.num_rounds + 1
         evaluate = final or (rnd - 1) % cfg.eval_every == 0
-        plan = fault_plan(cfg, rnd)
-        faults.planned(plan)
+        delivery = network.deliver(rnd, outbox)
+        faults.planned(delivery.plan)
+        faults.link_drops += delivery.lost
         new_out = {}
-        for p in nodes:
-            if p in plan.dropped:
-                continue
+        for p, inbox in delivery.inboxes.items():
             params, algo_state, blob = state[p]
-            inbox, lost = deliver(plan, p, senders(cfg, algo, p, rnd - 1), outbox)
-            faults.link_drops += lost
             weights, extra = mixing_inputs(cfg, algo, p, rnd)
             try:
                 # A copy: combine updates the algorithm state in place, and a node that fails
@@ -58,7 +50,7 @@ def run_plain(cfg: ExperimentConfig) -> dict:
                 res = run_round(
                     node_runtime(cfg, p), algo, params, copy.deepcopy(algo_state), blob, inbox,
                     weights, rnd, evaluate, train=not final, combine_kwargs=extra,
-                    steps_fraction=cfg.straggler_fraction if p in plan.stragglers else 1.0,
+                    steps_fraction=cfg.straggler_fraction if p in delivery.plan.stragglers else 1.0,
                 )  # fmt: skip
             except Exception as err:  # as in the relay: the node counts as dropped
                 faults.error(p, rnd, repr(err))

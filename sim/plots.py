@@ -33,6 +33,7 @@ from sim.runs import (  # noqa: E402
     group_seeds,
     load_run,
     matching_references,
+    network_bytes_key,
     run_name,
     varying_keys,
 )
@@ -65,7 +66,7 @@ def round_node_table(metrics: list[dict], key: str) -> tuple[np.ndarray, np.ndar
 
 @dataclass
 class Curve:
-    """One run's evaluated rounds: per-node values (%) and per-node MB sent so far."""
+    """One run's evaluated rounds: per-node values (%) and per-node MB on the network so far."""
 
     rounds: np.ndarray
     values: np.ndarray
@@ -78,8 +79,8 @@ def node_curve(run: Run, key: str = "accuracy") -> Curve | None:
     keep = ~np.isnan(values).all(axis=1)
     if not keep.any():
         return None
-    _, sent, _ = round_node_table(run.metrics, "bytes_sent")
-    return Curve(rounds[keep], 100 * values[keep], np.nan_to_num(sent[keep]) / 1e6)
+    _, traffic, _ = round_node_table(run.metrics, network_bytes_key(run))
+    return Curve(rounds[keep], 100 * values[keep], np.nan_to_num(traffic[keep]) / 1e6)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def label_ends(ax: Axes, ends: list[tuple[float, str, str]]) -> None:
 
 
 def convergence_figure(runs: list[Run], references: list[Run] = ()) -> Figure | None:
-    """Accuracy vs round and vs MB sent per node, for one config over one or more seeds.
+    """Accuracy vs round and vs MB on the network per node, for one config over one or more seeds.
 
     Thin lines: every node of every seed. Thick: mean over nodes (and seeds), with a band of
     +- std over seeds (several seeds) or min-max over nodes (one seed). Dashed black: the
@@ -184,7 +185,7 @@ def convergence_figure(runs: list[Run], references: list[Run] = ()) -> Figure | 
             end.append((ref.mean[-1], f"centralized {ref.mean[-1]:.1f}%", REFERENCE))
     nodes = curves[0].values.shape[1]
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax, end, xlabel in zip(axes, ends, ("round", "MB sent per node"), strict=True):
+    for ax, end, xlabel in zip(axes, ends, ("round", "MB on the network per node"), strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
@@ -263,7 +264,7 @@ def comparison_figure(
     for row, x in enumerate(xs):
         axes[row][0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
         for ax in axes[row]:
-            ax.set_xlabel("round" if x == "round" else "MB sent per node")
+            ax.set_xlabel("round" if x == "round" else "MB on the network per node")
             if x == "round":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     note = "; black dashed (or dotted, per colour): centralized reference" if references else ""
@@ -302,11 +303,14 @@ def _plain(value: float, _pos: int) -> str:
 
 
 def consensus_figure(run: Run) -> Figure | None:
-    """Consensus distance per round (log scale): all relayed parameters, and per parameter group.
+    """Consensus distance of the evaluated models (log scale): all mixed parameters, by group.
 
-    None when the relay measured none (strategies whose message is not the model).
+    Measured on the models the nodes evaluate (after combining), every ``eval-every`` rounds;
+    None when nothing positive was measured (fewer than two nodes, nothing mixed, or nodes that
+    agree exactly, like fedavg's).
     """
-    rows = [n for n in run.network if n.get("consensus_distance") is not None]
+    # a log axis shows positive values only (fedavg's nodes agree exactly: 0 every time)
+    rows = [n for n in run.network if (n.get("consensus_distance") or 0) > 0]
     if not rows:
         return None
     rounds = [n["round"] for n in rows]
@@ -316,7 +320,7 @@ def consensus_figure(run: Run) -> Figure | None:
                              squeeze=False, layout="constrained")  # fmt: skip
     axes = axes[0]
     axes[0].semilogy(rounds, [n["consensus_distance"] for n in rows], color=REFERENCE, lw=2)
-    axes[0].set_title("all relayed parameters", fontsize=9)
+    axes[0].set_title("all mixed parameters", fontsize=9)
     if groups:
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         ends = []
@@ -331,7 +335,7 @@ def consensus_figure(run: Run) -> Figure | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(r"$\frac{1}{n}\sum_i \|x_i - \bar{x}\|^2$")
-    suptitle(fig, f"consensus distance of the relayed messages, {run.config['strategy']}",
+    suptitle(fig, f"consensus distance of the evaluated models, {run.config['strategy']}",
              describe(run.config))  # fmt: skip
     return fig
 

@@ -55,6 +55,36 @@ def load_run(run_dir: Path) -> Run:
     )
 
 
+def _older_fedavg(where: object) -> ValueError:
+    return ValueError(
+        f"{where}: a fedavg run recorded before the server's broadcast was counted (no "
+        "network_bytes); its figure would be half the real cost: run it again"
+    )
+
+
+def network_bytes_key(run: Run) -> str:
+    """The metrics key of a node's share of the network's traffic (``network.Traffic``).
+
+    Runs written before ``network_bytes`` existed counted only what nodes sent: the same figure
+    for peer-to-peer strategies, but half the real cost for fedavg (no server broadcast), so
+    such a fedavg run is refused rather than shown at half its cost.
+    """
+    if run.metrics and "network_bytes" in run.metrics[0]:
+        return "network_bytes"
+    if run.config.get("strategy") == "fedavg":
+        raise _older_fedavg(run.dir)
+    return "bytes_sent"
+
+
+def network_bytes_per_node(summary: dict[str, Any]) -> float:
+    """Mean bytes per node on the network over a whole run, from its summary.json (see above)."""
+    if "network_bytes_per_node" in summary:
+        return float(summary["network_bytes_per_node"])
+    if summary.get("strategy") == "fedavg":
+        raise _older_fedavg("summary.json")
+    return float(summary["mean_bytes_sent_per_node"])
+
+
 def collect_runs(folder: Path) -> list[Run]:
     """Every finished run below ``folder`` (a summary.json marks a finished run), by path."""
     return [load_run(p.parent) for p in sorted(Path(folder).rglob("summary.json"))]

@@ -31,7 +31,13 @@ import numpy as np
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.registry import ConfigError
 from flower_p2p.results import write_json
-from sim.runs import LOCATION_KEYS, NOT_REFERENCE_KEYS, load_run, run_name
+from sim.runs import (
+    LOCATION_KEYS,
+    NOT_REFERENCE_KEYS,
+    load_run,
+    network_bytes_per_node,
+    run_name,
+)
 from sim.table import write_md_and_csv
 
 SPECIAL = ("seeds", "reference")
@@ -262,7 +268,7 @@ def write_sweep_table(out: Path) -> str:
     header = [*keys, "seeds", "mean acc (%)", "worst node (%)"]
     header += ["unseen acc (%)"] if unseen else []
     header += ["centralized (%)"] if refs else []
-    header += ["MB sent per node"]
+    header += ["MB on the network per node"]
     table = []
     for group in rows.values():
         done = [summaries[r["dir"]] for r in group if summaries[r["dir"]]]
@@ -280,6 +286,6 @@ def write_sweep_table(out: Path) -> str:
             ref_runs = refs.get(run_name(ref_values), [])
             row.append(mean_std([summaries[r["dir"]]["accuracy_mean"] for r in ref_runs
                                  if r["seed"] in seeds and summaries[r["dir"]]]))  # fmt: skip
-        row.append(mean_std([s["mean_bytes_sent_per_node"] for s in done], 1e-6, 1))
+        row.append(mean_std([network_bytes_per_node(s) for s in done], 1e-6, 1))
         table.append(row)
     return write_md_and_csv(out, "sweep", header, table)

@@ -8,17 +8,21 @@ from pathlib import Path
 
 from flower_p2p.results import atomic_write_text
 from sim.plots import comparison_figure, save
-from sim.runs import collect_runs
+from sim.runs import collect_runs, network_bytes_per_node
 
 
 def write_table(folder: Path, by: tuple[str, ...]) -> str:
-    """table.md / table.csv: final mean and worst node accuracy and MB per node, one row a run."""
+    """table.md / table.csv: final mean and worst node accuracy and MB per node, one row a run.
+
+    MB per node is the node's share of all traffic on the network (``network.Traffic``: what it
+    sent, plus a server's broadcast to it for the fedavg reference).
+    """
     runs = sorted(collect_runs(folder), key=lambda r: tuple(str(r.config[k]) for k in by))
-    header = [*by, "mean acc (%)", "worst node (%)", "MB sent per node", "wall (s)"]
+    header = [*by, "mean acc (%)", "worst node (%)", "MB on the network per node", "wall (s)"]
     rows = [
         [*(str(r.config[k]) for k in by),
          f"{100 * r.summary['accuracy_mean']:.2f}", f"{100 * r.summary['accuracy_min']:.2f}",
-         f"{r.summary['mean_bytes_sent_per_node'] / 1e6:.1f}", f"{r.summary['wall_s']:.0f}"]
+         f"{network_bytes_per_node(r.summary) / 1e6:.1f}", f"{r.summary['wall_s']:.0f}"]
         for r in runs
     ]  # fmt: skip
     return write_md_and_csv(folder, "table", header, rows)

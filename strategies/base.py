@@ -27,12 +27,17 @@ class GossipAlgorithm(ABC):
 
     name: str = ""
     communicates: bool = True
-    # True when the message is the node's model itself (lets the relay monitor consensus).
-    message_is_model: bool = False
     # True when combine() takes ``out_degree``: how many nodes this node's message reaches.
     needs_out_degree: bool = False
     # True when combine() takes ``num_examples``: the size of the node's training data.
     needs_num_examples: bool = False
+    # True when a node keeps a copy of each neighbour's public state, updated by the increments
+    # that neighbour sends (CHOCO): every node it will ever mix with must get every message, so
+    # the network delivers to the union of the schedule's graphs, not only this round's.
+    keeps_neighbour_copies: bool = False
+    # False when a lost message breaks the algorithm for good (CHOCO's copies): the config then
+    # refuses the faults that lose messages instead of letting the run compute garbage.
+    tolerates_lost_messages: bool = True
 
     def init_state(self, params: Params) -> State:
         """Extra per-node state the algorithm keeps between rounds (none by default)."""
@@ -51,7 +56,9 @@ class GossipAlgorithm(ABC):
 
         ``weights`` is the node's row of the mixing matrix over its closed neighbourhood
         (``weights[node]`` is its self-weight). ``inbox`` holds the messages that arrived; a
-        neighbour missing from it sent nothing (first round, dropped node or lost link).
+        neighbour missing from it sent nothing (first round, dropped node or lost link). For a
+        ``keeps_neighbour_copies`` algorithm the inbox may also hold messages of nodes that
+        are not in ``weights`` this round (its other neighbours over the schedule).
         ``state`` may be updated in place.
         """
 

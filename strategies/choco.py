@@ -4,17 +4,27 @@ Koloskova, Stich, Jaggi (ICML 2019), Algorithm 2, per node i and round t:
 
     x_i^{t+1/2} = x_i^t - eta * grad f_i(x_i^t)                     (local training)
     q_i^t       = Q(x_i^{t+1/2} - x_hat_i^t)                         (message)
-    x_hat_j^{t+1} = x_hat_j^t + q_j^t        for j in {i} + N(i)      (every holder of a copy)
-    x_i^{t+1}   = x_i^{t+1/2} + gamma * sum_j W_ij (x_hat_j^{t+1} - x_hat_i^{t+1})
+    x_hat_j^{t+1} = x_hat_j^t + q_j^t        for every holder of a copy of x_hat_j
+    x_i^{t+1}   = x_i^{t+1/2} + gamma * sum_j W_ij^t (x_hat_j^{t+1} - x_hat_i^{t+1})
 
 Mapped onto one round of the harness (combine, train, message): ``message`` computes q_i from the
-trained parameters and adds it to the node's own copy at once; the neighbours add it to their copy
-of x_hat_i in their next ``combine``, which then takes the consensus step. All copies start at 0.
+trained parameters and adds it to the node's own copy at once; every holder of a copy of x_hat_i
+adds it in its next ``combine``, which then takes the consensus step over that round's weights.
+All copies start at 0.
+
+The copies are the algorithm's invariant: node j's copy of x_hat_i must equal node i's own, so
+that sum_i x_i moves only by local training. A copy is a running sum of increments, so its holder
+must receive *every* q_i, also in rounds where it does not mix with i. On a static graph the
+holders are the neighbours. On a graph that changes every round (``one-peer-exponential``,
+``random-matching``) they are the union of the schedule's graphs (``keeps_neighbour_copies``: the
+network delivers q_i there and the bytes of every delivery count), while the consensus step uses
+only the round's weights. Mixing with a copy that missed increments breaks the invariant: the
+average drifts and the run computes garbage (on ``one-peer-exponential`` it diverged).
 
 Because the sender adds the *decoded* q_i to its copy, sender and receivers hold bit-identical
-copies of x_hat_i as long as no message is lost; a lost message desynchronises that copy for the
-rest of the run (CHOCO has no repair for it). A neighbour never heard from is left out of the
-consensus step; one whose latest message is missing is used with its last known copy.
+copies of x_hat_i as long as no message is lost. A lost message desynchronises a copy for the rest
+of the run (CHOCO has no repair for it), so runs with message loss (``link-drop``,
+``node-dropout``, ``fail-every``) are refused for ``choco`` (``flower_p2p.config``).
 """
 
 from __future__ import annotations
@@ -36,7 +46,11 @@ def _hat(owner: str | int, name: str | None) -> str:
 
 
 class Choco(GossipAlgorithm):
-    """CHOCO-SGD; ``compressor="none", gamma=1`` is exactly plain gossip (DSGD).
+    """CHOCO-SGD; ``compressor="none", gamma=1`` computes the same models as DSGD.
+
+    With nothing compressed x_hat_j = x_j, so x_i + sum_j W_ij (x_j - x_i) = sum_j W_ij x_j: DSGD's
+    combine up to floating-point rounding, on every graph and schedule. The bytes differ where the
+    graph changes every round: CHOCO sends to every node that holds a copy (see the module).
 
     The stable gamma shrinks with the compressor's contraction: in numpy checks on an 8-node ring
     (1000-dim vectors, 10% kept) top-k diverged from gamma = 0.4 and random-k from 0.2, while 8-bit
@@ -44,6 +58,8 @@ class Choco(GossipAlgorithm):
     """
 
     name = "choco"
+    keeps_neighbour_copies = True
+    tolerates_lost_messages = False
 
     def __init__(
         self,
@@ -75,10 +91,14 @@ class Choco(GossipAlgorithm):
         weights: Mapping[int, float],
         node: int,
     ) -> Params:
-        """Add the received q_j to the copies x_hat_j, then step towards them by gamma."""
+        """Add every received q_j to the copy x_hat_j, then step towards this round's neighbours.
+
+        The inbox may hold increments of nodes that are not in ``weights`` this round (other
+        neighbours over the schedule): their copies are updated all the same.
+        """
         state[_NODE][0] = node
         for j in sorted(inbox):
-            if j == node or j not in weights:
+            if j == node:
                 continue
             q = decode_params(self.compressor, inbox[j], params)
             for k, v in q.items():

@@ -16,7 +16,6 @@ class DSGD(GossipAlgorithm):
     """
 
     name = "dsgd"
-    message_is_model = True
 
     def combine(
         self,

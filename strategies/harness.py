@@ -1,15 +1,21 @@
 """A pure-numpy reference loop: every node of a gossip run, simulated in one process.
 
-It fixes the round semantics every transport must reproduce. Round t at each node i:
+It fixes the round semantics every transport must reproduce. The communication graph may change
+every round: ``schedule(t)`` is the mixing matrix of the messages sent in round t
+(``W_t[i, j] != 0``: node i hears node j's round-t message, with that weight). Round t at node i:
 
-1. ``params_i = algo.combine(params_i, state_i, inbox_i, weights_i, i)``, where ``inbox_i``
-   holds the messages its in-neighbours sent in round t - 1 (none in round 0);
+1. ``params_i = algo.combine(params_i, state_i, inbox_i, row_i(W_{t-1}), i)``, where ``inbox_i``
+   holds what was delivered to i from round t - 1 (nothing in round 0);
 2. ``params_i = local_step(i, params_i, t)``: local training;
-3. ``msg_i = algo.message(params_i, state_i)``, delivered to i's out-neighbours for round t + 1.
+3. ``msg_i = algo.message(params_i, state_i)``, delivered for round t + 1 to every j with
+   ``W_t[j, i] != 0``; an algorithm that keeps copies of its neighbours' public state
+   (``keeps_neighbour_copies``: CHOCO) needs every increment of every node it will ever mix
+   with, so its messages go to the union of the schedule's graphs (``reach``).
 
-After the last round one more combine (without training) merges the last messages, and those
-combined parameters are returned: for tracking and push-sum methods they, not the trained ones,
-are the iterates that converge.
+An algorithm that ``needs_out_degree`` (push-sum) gets the number of nodes its round-t message
+reaches, read off W_t's column. After the last round one more combine (without training) merges
+the last messages, and those combined parameters are returned: for tracking and push-sum methods
+they, not the trained ones, are the iterates that converge.
 """
 
 from __future__ import annotations
@@ -24,10 +30,37 @@ from strategies.base import GossipAlgorithm, Params
 LocalStep = Callable[[int, Params, int], Params]
 """(node, params, round) -> trained params; must return new arrays, not update in place."""
 
+Schedule = Callable[[int], np.ndarray]
+"""Round t -> the mixing matrix of the messages sent in round t (t = -1: before the first)."""
+
+
+def as_schedule(mixing: np.ndarray | Schedule) -> Schedule:
+    """A fixed matrix as the schedule that returns it every round."""
+    if callable(mixing):
+        return mixing
+    fixed = np.asarray(mixing)
+    return lambda t: fixed
+
+
+def union_support(schedule: Schedule, rounds: int) -> np.ndarray:
+    """``reach[i, j]``: node i hears a message node j sends in some round of the run.
+
+    Messages are sent in rounds 0 .. rounds - 1; the diagonal is false.
+    """
+    reach = np.zeros(schedule(0).shape, dtype=bool)
+    for t in range(rounds):
+        reach |= schedule(t) != 0
+    np.fill_diagonal(reach, False)
+    return reach
+
+
+def _row(w: np.ndarray, i: int) -> dict[int, float]:
+    return {j: float(w[i, j]) for j in range(w.shape[0]) if j == i or w[i, j] != 0}
+
 
 def run_gossip(
     algo: GossipAlgorithm,
-    mixing: np.ndarray,
+    mixing: np.ndarray | Schedule,
     local_step: LocalStep,
     x0: Params | Sequence[Params],
     rounds: int,
@@ -35,29 +68,34 @@ def run_gossip(
     node_kwargs: Sequence[Mapping[str, Any]] | None = None,
     lost: Callable[[int, int, int], bool] | None = None,
     on_round: Callable[[int, list[Params]], None] | None = None,
+    reach: np.ndarray | None = None,
 ) -> list[Params]:
     """Run ``rounds`` gossip rounds on all nodes; the combined parameters after the last round.
 
-    ``mixing[i, j] != 0`` means node i hears node j; row i (over i and its in-neighbours) is the
-    ``weights`` node i's combine gets, and i's message goes to every j with ``mixing[j, i] != 0``.
-    ``x0`` is one starting point for all nodes or one per node. ``node_kwargs[i]`` are extra
-    keyword arguments for node i's combine (e.g. push-sum's ``out_degree``). ``lost(t, j, i)``
-    drops the message j sent to i in round t. ``on_round(t, combined)`` sees the combined
-    parameters of every node before round t's training.
+    ``mixing`` is one matrix for every round or a ``Schedule``. ``x0`` is one starting point for
+    all nodes or one per node. ``node_kwargs[i]`` are extra keyword arguments for node i's
+    combine (e.g. fedavg's ``num_examples``). ``lost(t, j, i)`` drops the message j sent to i in
+    round t. ``on_round(t, combined)`` sees the combined parameters of every node before round
+    t's training. ``reach`` (default: the union of the schedule's graphs over the run) is where
+    a ``keeps_neighbour_copies`` algorithm's messages go.
     """
-    n = mixing.shape[0]
+    schedule = as_schedule(mixing)
+    n = schedule(-1).shape[0]
     starts = [x0] * n if isinstance(x0, Mapping) else list(x0)
     params = [{k: np.array(v, copy=True) for k, v in p.items()} for p in starts]
     states = [algo.init_state(p) for p in params]
-    rows = [
-        {j: float(mixing[i, j]) for j in range(n) if j == i or mixing[i, j] != 0} for i in range(n)
-    ]
     extra = node_kwargs or [{}] * n
+    if algo.keeps_neighbour_copies and reach is None:
+        reach = union_support(schedule, rounds)
     inboxes: list[dict[int, Params]] = [{} for _ in range(n)]
     for t in range(rounds + 1):
-        params = [
-            algo.combine(params[i], states[i], inboxes[i], rows[i], i, **extra[i]) for i in range(n)
-        ]
+        previous, now = schedule(t - 1), schedule(t)
+        for i in range(n):
+            kwargs = dict(extra[i])
+            if algo.needs_out_degree:
+                kwargs["out_degree"] = int(np.count_nonzero(now[:, i])) - int(now[i, i] != 0)
+            params[i] = algo.combine(params[i], states[i], inboxes[i], _row(previous, i), i,
+                                     **kwargs)  # fmt: skip
         if on_round is not None:
             on_round(t, params)
         if t == rounds:
@@ -66,12 +104,13 @@ def run_gossip(
         for i in range(n):
             params[i] = local_step(i, params[i], t)
             sent.append(algo.message(params[i], states[i]) if algo.communicates else {})
+        hears = reach if algo.keeps_neighbour_copies else now != 0
         inboxes = [
             {
                 j: sent[j]
                 for j in range(n)
                 if j != i
-                and mixing[i, j] != 0
+                and hears[i, j]
                 and algo.communicates
                 and not (lost is not None and lost(t, j, i))
             }

@@ -21,5 +21,6 @@ def test_bench_quick_prints_every_measurement(tmp_path):
     assert sorted({row[2] for row in rows}) == ["1", "2", "3", "4"]
     # every row carries a measured figure: a ratio, a percentage or seconds and GiB
     assert all(re.search(r"\| [\d.]+(×| %| s/round)", row) for row in rows), rows
-    # reported, not asserted: torch threads differ (1 per actor vs all cores in the plain loop)
-    assert re.search(r"final mean accuracy 0\.\d{4} / 0\.\d{4}, same: (yes|no)", text)
+    # the engine and the plain loop train the same models (exactly: the suite's end-to-end tests
+    # check that for every strategy); at this size even the thread counts do not change a bit
+    assert re.search(r"final mean accuracy (0\.\d{4}) / \1, same: yes", text), text

@@ -1,55 +1,106 @@
-"""What a node mixes to depends on its neighbours' messages and on nothing else."""
+"""What the relay delivers, watched in real Flower runs: neighbours' last messages, and only those.
+
+Each run goes through Flower's simulation engine with the project's own relay
+(``server_app.run_experiment``) behind a Grid that records every message (``relay_capture_app``).
+Every ``in:<j>`` record a node receives in round r must be the very message node j sent in round
+r - 1 (same arrays), j must be an in-neighbour of node i on round r - 1's graph (CHOCO: on the
+run's union graph), and the link j -> i must not be lost in round r; every such message that
+exists and is not lost must be there. Dropped nodes get no message at all.
+"""
+
+from __future__ import annotations
+
+import json
 
 import numpy as np
-from flwr.app import ArrayRecord
+import pytest
 
-from flower_p2p.server_app import neighbour_inbox
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.faults import fault_plan
+from flower_p2p.schedules import reach_topology, topology_at
 from flower_p2p.topology import build_topology
-from flower_p2p.wire import to_record
+from sim.engine import run_experiment
 from strategies import create_strategy
 
-
-def _messages(n, rng):
-    return {
-        j: {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4)}
-        for j in range(n)
-    }
-
-
-def _mix(topo, node, msgs, own):
-    row = topo.row(node)
-    relayed = neighbour_inbox(
-        node, topo.neighbours[node], {j: to_record(m) for j, m in msgs.items()}
-    )
-    inbox = {j: {k: a.numpy() for k, a in rec.items()} for j, rec in relayed.items()}
-    return create_strategy("dsgd").combine(own, {}, inbox, row, node)
-
-
-def test_relay_delivers_exactly_the_neighbours_messages():
-    topo = build_topology("ring", "metropolis-hastings", 8, seed=0)
-    last_out = {j: ArrayRecord() for j in range(8)}
-    assert sorted(neighbour_inbox(3, topo.neighbours[3], last_out)) == [2, 4]
-    # a neighbour that sent nothing is simply absent
-    del last_out[4]
-    assert sorted(neighbour_inbox(3, topo.neighbours[3], last_out)) == [2]
+# (id, run-config) small runs: static with faults, directed, per-round, CHOCO on a schedule
+RUNS = {
+    "ring-with-faults": dict(num_nodes=5, link_drop=0.3, node_dropout=0.2),
+    "directed-exponential": dict(
+        num_nodes=5, strategy="push-sum", topology="directed-exponential"
+    ),  # fmt: skip
+    "random-matching-with-link-drops": dict(
+        num_nodes=5, topology="random-matching", link_drop=0.25
+    ),  # fmt: skip
+    "choco-one-peer-exponential": dict(
+        num_nodes=4, strategy="choco", compressor="8bit", gamma=1.0, topology="one-peer-exponential"
+    ),  # fmt: skip
+}
+SMALL = dict(num_rounds=4, depth=1, img_size=16, local_steps=1, eval_every=2, seed=3)
 
 
-def test_non_neighbour_change_does_not_move_the_mix_neighbour_change_does():
-    rng = np.random.default_rng(0)
-    topo = build_topology("ring", "metropolis-hastings", 8, seed=0)
-    msgs = _messages(8, rng)
-    own = msgs[3]
-    base = _mix(topo, 3, msgs, own)
+@pytest.fixture(scope="module", params=list(RUNS), ids=list(RUNS))
+def watched_run(request, tmp_path_factory):
+    cfg = ExperimentConfig(out_dir=str(tmp_path_factory.mktemp(request.param)),
+                           **SMALL, **RUNS[request.param])  # fmt: skip
+    cfg.validate()
+    out = run_experiment(cfg, server_app="relay_capture_app:app")
+    return cfg, json.loads((out / "relay_log.json").read_text())
 
-    changed_far = {**msgs, 6: {k: v + 100 for k, v in msgs[6].items()}}
-    for k, v in _mix(topo, 3, changed_far, own).items():
-        np.testing.assert_array_equal(v, base[k])
 
-    changed_near = {**msgs, 4: {k: v + 1 for k, v in msgs[4].items()}}
-    moved = _mix(topo, 3, changed_near, own)
-    for k in base:
-        # node 3 gives neighbour 4 weight 1/3 in a Metropolis-Hastings ring
-        np.testing.assert_allclose(moved[k] - base[k], 1 / 3, rtol=1e-5)
+def _expected_senders(cfg: ExperimentConfig, node: int, rnd: int) -> set[int]:
+    if cfg.strategy == "choco":
+        return set(reach_topology(cfg).in_neighbours[node])
+    return set(topology_at(cfg, rnd - 1).in_neighbours[node])
+
+
+def test_every_inbox_holds_exactly_the_neighbours_last_messages(watched_run):
+    cfg, log = watched_run
+    sent_by = {(r["round"], r["node"]): r["out"] for r in log["replies"]}
+    messages = [m for m in log["sent"] if m["round"] > 1]
+    assert messages, "the run relayed nothing"
+    delivered = 0
+    for msg in messages:
+        rnd, i = msg["round"], msg["node"]
+        plan = fault_plan(cfg, rnd)
+        assert i not in plan.dropped, f"dropped node {i} got a message in round {rnd}"
+        inbox = {int(j): h for j, h in msg["inbox"].items()}
+        allowed = _expected_senders(cfg, i, rnd)
+        expected = {j for j in allowed if (rnd - 1, j) in sent_by and (j, i) not in plan.lost}
+        assert set(inbox) == expected, (rnd, i, sorted(inbox), sorted(expected))
+        for j, digest in inbox.items():
+            assert digest == sent_by[(rnd - 1, j)], f"in:{j} at node {i} is not j's message"
+        delivered += len(inbox)
+        # nothing else travels to a node: its config and its inbox
+        assert set(msg["keys"]) == {"config", *(f"in:{j}" for j in inbox)}
+    assert delivered > 0
+
+
+def test_every_node_that_takes_part_gets_a_message(watched_run):
+    cfg, log = watched_run
+    for rnd in range(1, cfg.num_rounds + 2):
+        got = {m["node"] for m in log["sent"] if m["round"] == rnd}
+        assert got == set(range(cfg.num_nodes)) - fault_plan(cfg, rnd).dropped, rnd
+
+
+def test_the_faulty_runs_did_lose_and_drop_something():
+    # the faulty configs above must exercise the fault paths, or the tests prove nothing
+    cfg = ExperimentConfig(**SMALL, **RUNS["ring-with-faults"])
+    plans = [fault_plan(cfg, r) for r in range(2, cfg.num_rounds + 2)]
+    assert any(p.dropped for p in plans) and any(p.lost for p in plans)
+    cfg = ExperimentConfig(**SMALL, **RUNS["random-matching-with-link-drops"])
+    lost = [(j, i) for r in range(2, cfg.num_rounds + 2) for j, i in fault_plan(cfg, r).lost
+            if j in topology_at(cfg, r - 1).in_neighbours[i]]  # fmt: skip
+    assert lost
+
+
+def test_choco_reaches_more_nodes_than_one_round_graph():
+    # the point of CHOCO's union delivery: one-peer-exponential has one in-neighbour a round
+    cfg = ExperimentConfig(**SMALL, **RUNS["choco-one-peer-exponential"])
+    assert all(len(topology_at(cfg, 1).in_neighbours[i]) == 1 for i in range(4))
+    assert all(len(reach_topology(cfg).in_neighbours[i]) == 2 for i in range(4))
+
+
+# ---- the mixing a node applies to what it received ------------------------------------------
 
 
 def test_dsgd_mix_is_the_row_of_w_and_missing_weight_stays_home():
@@ -60,18 +111,6 @@ def test_dsgd_mix_is_the_row_of_w_and_missing_weight_stays_home():
     assert np.allclose(full["p"], sum(row[j] * j for j in row))
     partial = create_strategy("dsgd").combine(x[0], {}, {1: x[1]}, row, 0)
     assert np.allclose(partial["p"], row[1] * 1.0 + (1 - row[1]) * 0.0)
-
-
-def test_gossip_with_dsgd_reaches_the_exact_average():
-    topo = build_topology("ring", "metropolis-hastings", 8, seed=0)
-    algo = create_strategy("dsgd")
-    x = {j: {"p": np.array([float(j)])} for j in range(8)}
-    for _ in range(300):
-        x = {
-            i: algo.combine(x[i], {}, {j: x[j] for j in topo.neighbours[i]}, topo.row(i), i)
-            for i in x
-        }
-    assert all(abs(x[i]["p"][0] - 3.5) < 1e-6 for i in x)
 
 
 def test_fedavg_reference_is_the_sample_weighted_average_at_every_node():

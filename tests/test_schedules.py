@@ -1,11 +1,10 @@
-"""Directed and time-varying topologies: per-round weights, connectivity, neighbour-only relay."""
+"""Directed and time-varying topologies: per-round weights and connectivity."""
 
 import numpy as np
 import pytest
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.schedules import is_schedule, period_spectral_gap, topology_at
-from flower_p2p.server_app import neighbour_inbox
 
 
 def _cfg(topology, n=8, **kw):
@@ -44,12 +43,6 @@ def test_random_matching_is_a_fresh_reproducible_matching_each_round(n):
     other_seed = topology_at(_cfg("random-matching", n=n, seed=1), 3)
     assert set(other_seed.graph.edges) != set(rounds[2].graph.edges)
     assert period_spectral_gap(cfg) is None
-
-
-def test_relay_on_a_directed_graph_delivers_in_neighbours_only():
-    topo = topology_at(_cfg("directed-exponential", strategy="push-sum"), 1)
-    last_out = {j: object() for j in range(8)}
-    assert sorted(neighbour_inbox(0, topo.in_neighbours[0], last_out)) == [4, 6, 7]
 
 
 def test_static_topologies_are_not_schedules_and_keep_their_graph():

@@ -147,15 +147,14 @@ def test_gradient_tracking_beats_dsgd_with_local_steps():
 DIRECTED_EDGES = [(i, (i + 1) % N_NODES) for i in range(N_NODES)] + [(0, 4), (2, 4), (6, 4), (5, 1)]
 
 
-def _directed() -> tuple[np.ndarray, np.ndarray, list[dict[str, int]]]:
-    """Column-stochastic push weights, row-stochastic pull weights, per-node out-degrees."""
+def _directed() -> tuple[np.ndarray, np.ndarray]:
+    """Column-stochastic push weights and row-stochastic pull weights."""
     adj = np.eye(N_NODES, dtype=bool)  # adj[i, j]: j hears i (self-loops included)
     for i, j in DIRECTED_EDGES:
         adj[i, j] = True
     push = adj.T / adj.sum(axis=1)  # push[j, i] = 1 / (out_i + 1): column-stochastic
     pull = adj.T / adj.sum(axis=0)[:, None]  # pull[i, j] = 1 / (in_i + 1): row-stochastic
-    out_deg = [{"out_degree": int(adj[i].sum()) - 1} for i in range(N_NODES)]
-    return push, pull, out_deg
+    return push, pull
 
 
 def _no_training(node: int, params: Params, rnd: int) -> Params:
@@ -163,7 +162,7 @@ def _no_training(node: int, params: Params, rnd: int) -> Params:
 
 
 def test_push_sum_reaches_exact_average_on_directed_graph():
-    push, pull, out_deg = _directed()
+    push, pull = _directed()
     assert np.allclose(push.sum(axis=0), 1.0) and np.allclose(pull.sum(axis=1), 1.0)
     rng = np.random.default_rng(1)
     starts = [_unflat(rng.normal(size=DIM)) for _ in range(N_NODES)]
@@ -172,7 +171,7 @@ def test_push_sum_reaches_exact_average_on_directed_graph():
     def spread(nodes: list[Params]) -> float:
         return max(np.linalg.norm(_flat(p) - average) for p in nodes) / np.linalg.norm(average)
 
-    pushed = run_gossip(PushSum(), push, _no_training, starts, 200, node_kwargs=out_deg)
+    pushed = run_gossip(PushSum(), push, _no_training, starts, 200)
     pulled = run_gossip(DSGD(), pull, _no_training, starts, 200)
     assert spread(pushed) < 1e-10
     # Plain averaging reaches consensus, but on a weighted average.
@@ -181,19 +180,31 @@ def test_push_sum_reaches_exact_average_on_directed_graph():
 
 
 def test_push_sum_reaches_optimum_on_directed_graph():
-    push, pull, out_deg = _directed()
-    pushed = _solve(PushSum(), sgd(decaying()), 3000, mixing=push, node_kwargs=out_deg)
+    push, pull = _directed()
+    pushed = _solve(PushSum(), sgd(decaying()), 3000, mixing=push)
     pulled = _solve(DSGD(), sgd(decaying()), 3000, mixing=pull)
     assert pushed < 1.5e-2  # measured 5.5e-3
     # Row-stochastic DSGD minimises a stationary-distribution-weighted sum, even as eta -> 0.
     assert pulled > 0.1  # measured 0.44
 
 
-def test_push_sum_out_degree_defaults_to_undirected_neighbourhood():
-    explicit = [{"out_degree": 2}] * N_NODES
-    a = run_gossip(PushSum(), RING, sgd(constant(0.05)), X0, 50)
-    b = run_gossip(PushSum(), RING, sgd(constant(0.05)), X0, 50, node_kwargs=explicit)
-    assert all(np.array_equal(_flat(p), _flat(q)) for p, q in zip(a, b, strict=True))
+def test_push_sum_out_degree_is_read_off_the_weights_or_the_neighbourhood():
+    # The harness passes each node the out-degree of its message (W's column); without one,
+    # push-sum counts the neighbours in its row, right on undirected graphs.
+    spy = []
+
+    class Spy(PushSum):
+        def combine(self, params, state, inbox, weights, node, out_degree=None):
+            spy.append((node, out_degree))
+            return super().combine(params, state, inbox, weights, node, out_degree)
+
+    push, _ = _directed()
+    run_gossip(Spy(), push, _no_training, X0, 1)
+    assert dict(spy[:N_NODES]) == {i: len([e for e in DIRECTED_EDGES if e[0] == i])
+                                   for i in range(N_NODES)}  # fmt: skip
+    state = PushSum().init_state(X0)
+    PushSum().combine(X0, state, {}, {0: 0.5, 1: 0.25, 7: 0.25}, 0)
+    assert state["ps/share"][0] == pytest.approx(1 / 3)
 
 
 # ---- (d) CHOCO without compression is gossip -------------------------------------------------
