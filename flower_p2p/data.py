@@ -9,6 +9,9 @@
 * a local folder: a ``save_to_disk`` folder, a folder of parquet files, or an imagefolder;
 * any other string: a Hugging Face hub dataset, loaded through ``flwr_datasets.FederatedDataset``.
 
+Labels are a ``ClassLabel``, integer class indices or strings (numbered in sorted order); see
+``class_names``.
+
 Every node evaluates on the same global test split: the dataset's ``test`` split, or, when it has
 none, a stratified ``test-fraction`` of ``train`` split off with a fixed seed (0), so changing the
 run's ``seed`` never changes the test set.
@@ -22,8 +25,19 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Image,
+    Value,
+    load_dataset,
+    load_from_disk,
+)
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -181,11 +195,55 @@ class DataBundle:
         return concatenate_datasets(list(self.partitions))
 
 
-def _class_names(ds: Dataset, label_column: str) -> tuple[str, ...]:
-    feature = ds.features[label_column]
+LABELS_ALLOWED = "a ClassLabel column, integer class indices >= 0, or strings"
+
+
+def class_names(label_column: str, *splits: Dataset) -> tuple[str, ...]:
+    """The classes of ``label_column``, read from that column alone in all ``splits`` (train first).
+
+    A node trains on the class index (``to_tensors`` takes the stored value as it), so:
+
+    * a ``ClassLabel`` gives its names;
+    * plain integers give '0' ... str(max label): every label is its own index, absent classes
+      included (labels {3, 5, 7} are 8 classes, not 3, or label 7 would be out of range);
+    * strings give their sorted distinct values, which ``encode_labels`` turns into indices.
+
+    Negative, fractional or missing labels are refused.
+    """
+    feature = splits[0].features[label_column]
     if isinstance(feature, ClassLabel):
         return tuple(feature.names)
-    return tuple(str(v) for v in sorted(set(ds[label_column])))
+    # Arrow columns straight from the (memory-mapped) table: no image is decoded.
+    columns = [s.with_format("arrow", columns=[label_column])[label_column] for s in splits]
+    missing = sum(c.null_count for c in columns)
+    if missing:
+        raise ConfigError(
+            "label-column", label_column, f"{LABELS_ALLOWED}, one per sample ({missing} have none)"
+        )
+    if all(pa.types.is_integer(c.type) for c in columns):
+        present = [c for c in columns if len(c)]
+        if not present:
+            return ()
+        low = min(pc.min(c).as_py() for c in present)
+        if low < 0:
+            raise ConfigError("label-column", label_column, f"{LABELS_ALLOWED} (it holds {low})")
+        return tuple(str(i) for i in range(max(pc.max(c).as_py() for c in present) + 1))
+    if all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in columns):
+        return tuple(sorted(set().union(*(c.unique().to_pylist() for c in columns))))
+    raise ConfigError("label-column", label_column, f"{LABELS_ALLOWED} (it holds {feature})")
+
+
+def encode_labels(splits: DatasetDict, label_column: str, names: tuple[str, ...]) -> DatasetDict:
+    """String labels cast to a ClassLabel of ``names``: one index per class across all splits.
+
+    (``DatasetDict.class_encode_column`` would number each split's own classes.) ClassLabel and
+    integer columns are returned unchanged.
+    """
+    feature = next(iter(splits.values())).features[label_column]
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        return splits
+    encoded = ClassLabel(names=list(names))
+    return DatasetDict({k: ds.cast_column(label_column, encoded) for k, ds in splits.items()})
 
 
 def data_key(cfg: ExperimentConfig) -> tuple:
@@ -218,10 +276,13 @@ def _load_data_cached(key: tuple, cfg: ExperimentConfig) -> DataBundle:
         columns = splits["train"].column_names
         image_col = pick_column(columns, cfg.image_column, IMAGE_COLUMNS, "image-column")
         label_col = pick_column(columns, cfg.label_column, LABEL_COLUMNS, "label-column")
+        names = class_names(
+            label_col, splits["train"], *(v for k, v in splits.items() if k != "train")
+        )
+        splits = encode_labels(splits, label_col, names)
         if "test" not in splits:
             splits = _split_off_test(splits["train"], label_col, cfg.test_fraction)
         train, test = splits["train"], splits["test"]
-        names = _class_names(train, label_col)
         _check_node_count(cfg, len(train))
         partitioner = PARTITIONERS.get(cfg.partitioner)(cfg, label_col, len(names))
         partitioner.dataset = train
@@ -268,24 +329,39 @@ def _load_hub(cfg: ExperimentConfig) -> tuple[list[Dataset], Dataset, str, str, 
             "digits, glyphs, an existing local dataset folder, or a Hugging Face hub dataset "
             f"reachable from here ({type(err).__name__}: {err})",
         ) from err
-    probe = load_dataset(cfg.dataset, split="train[:1]")
-    image_col = pick_column(probe.column_names, cfg.image_column, IMAGE_COLUMNS, "image-column")
-    label_col = pick_column(probe.column_names, cfg.label_column, LABEL_COLUMNS, "label-column")
-    names = _class_names(probe, label_col)
-    preprocessor = None
+    if "train" not in split_names:
+        raise ConfigError(
+            "dataset", cfg.dataset, f"a dataset with a 'train' split (has {split_names})"
+        )
+    # The whole label column decides the classes, not a sample of rows (a one-row probe of plain
+    # integer labels gave 1 class). Loading prepares the dataset once; FederatedDataset reuses it.
+    order = ["train", *(s for s in split_names if s != "train")]
+    loaded = [load_dataset(cfg.dataset, split=s) for s in order]
+    columns = loaded[0].column_names
+    image_col = pick_column(columns, cfg.image_column, IMAGE_COLUMNS, "image-column")
+    label_col = pick_column(columns, cfg.label_column, LABEL_COLUMNS, "label-column")
+    names = class_names(label_col, *loaded)
+    divider = None
     if "test" not in split_names:
-        preprocessor = Divider(
+        divider = Divider(
             divide_config={"train": 1.0 - cfg.test_fraction, "test": cfg.test_fraction},
             divide_split="train",
         )
+
+    def prepare(splits: DatasetDict) -> DatasetDict:
+        splits = encode_labels(splits, label_col, names)
+        return divider(splits) if divider else splits
+
     partitioner = PARTITIONERS.get(cfg.partitioner)(cfg, label_col, len(names))
     fds = FederatedDataset(
         dataset=cfg.dataset,
         partitioners={"train": partitioner},
-        preprocessor=preprocessor,
+        preprocessor=prepare,
         seed=TEST_SPLIT_SEED,
     )
-    _check_node_count(cfg, len(fds.load_split("train")))
+    train = fds.load_split("train")
+    _check_node_count(cfg, len(train))
+    partitioner.dataset = train  # what fds.load_partition would assign
     return _load_partitions(partitioner, cfg), fds.load_split("test"), image_col, label_col, names
 
 

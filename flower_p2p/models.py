@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from torch import nn
 
 from flower_p2p.config import ExperimentConfig
@@ -114,6 +115,28 @@ def check_checkpoint_architecture(path: Path, cfg: ExperimentConfig) -> None:
         )
 
 
+def check_hub_weights(name: str) -> None:
+    """Refuse ``pretrained=hub`` for a timm model that has no published weights."""
+    source = timm.models.get_pretrained_cfg(name)
+    if source is None or not (source.hf_hub_id or source.url):
+        raise ConfigError(
+            "pretrained", "hub", f"a model with published weights; timm has none for model={name}"
+        )
+
+
+def hub_unavailable(name: str, err: Exception) -> str:
+    """Why ``pretrained=hub`` weights could not be had, in words: the repo, the hub, the cache."""
+    from huggingface_hub import constants
+
+    source = timm.models.get_pretrained_cfg(name)
+    why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else type(err).__name__
+    return (
+        f"weights of model={name} from the Hugging Face hub ({source.hf_hub_id or source.url}): "
+        f"the hub is out of reach ({why}) and the cache {constants.HF_HUB_CACHE} does not hold "
+        "them; download them once online, or pass a local checkpoint file"
+    )
+
+
 def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """Build the model for ``cfg`` with a freshly initialised ``num_classes`` head.
 
@@ -125,14 +148,19 @@ def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
         if cfg.pretrained == "none":
             model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, **kw)
         elif cfg.pretrained == "hub":
-            # A shortened depth drops blocks of the hub checkpoint on purpose: load the rest.
-            model = timm.create_model(
-                cfg.model,
-                pretrained=True,
-                num_classes=num_classes,
-                pretrained_strict=not (cfg.depth and not cfg.model.startswith("swin_")),
-                **kw,
-            )
+            check_hub_weights(cfg.model)
+            try:
+                # A shortened depth drops blocks of the hub checkpoint on purpose: load the rest.
+                model = timm.create_model(
+                    cfg.model,
+                    pretrained=True,
+                    num_classes=num_classes,
+                    pretrained_strict=not (cfg.depth and not cfg.model.startswith("swin_")),
+                    **kw,
+                )
+            # Not in the cache, and the hub offline, unreachable or refusing (gated, missing repo).
+            except (EntryNotFoundError, HfHubHTTPError, ConnectionError) as err:
+                raise ConfigError("pretrained", "hub", hub_unavailable(cfg.model, err)) from err
         else:
             path = Path(cfg.pretrained).expanduser()
             if not path.is_file():

@@ -1,9 +1,16 @@
 import numpy as np
 import pytest
-from datasets import ClassLabel, Dataset, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.data import PARTITIONERS, digits_dataset, load_data, pick_column
+from flower_p2p.data import (
+    PARTITIONERS,
+    class_names,
+    digits_dataset,
+    encode_labels,
+    load_data,
+    pick_column,
+)
 from flower_p2p.registry import ConfigError
 
 
@@ -96,3 +103,51 @@ def test_dataset_without_label_column_is_refused(tmp_path):
 def test_more_nodes_than_samples_is_refused():
     with pytest.raises(ConfigError, match=r"num-nodes=2000 .*at most 1437"):
         load_data(ExperimentConfig(num_nodes=2000))
+
+
+def _labelled(labels: list, tmp_path) -> str:
+    """A local save_to_disk dataset of 8x8 images with these labels (one per image)."""
+    images = digits_dataset()["image"][: len(labels)]
+    ds = Dataset.from_dict({"image": images, "label": labels}).cast_column("image", Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    return str(tmp_path / "ds")
+
+
+def test_plain_integer_labels_are_their_own_class_index(tmp_path):
+    # {3, 5, 7} are classes 0..7 (8 classes): by their count (3), label 7 would be out of range.
+    bundle = load_data(ExperimentConfig(dataset=_labelled([3, 5, 7] * 20, tmp_path), num_nodes=2))
+    assert bundle.class_names == tuple(str(i) for i in range(8))
+    labels = [y for part in (*bundle.partitions, bundle.test) for y in part["label"]]
+    assert max(labels) == 7 < bundle.num_classes  # to_tensors takes a label as its class index
+    assert class_names("label", Dataset.from_dict({"label": [2, 0, 9, 2]})) == tuple(
+        map(str, range(10))
+    )
+
+
+def test_string_labels_are_encoded_in_sorted_order_across_splits(tmp_path):
+    labels = ["dog", "cat", "owl"] * 20
+    bundle = load_data(ExperimentConfig(dataset=_labelled(labels, tmp_path), num_nodes=2))
+    assert bundle.class_names == ("cat", "dog", "owl")
+    assert bundle.test.features["label"] == ClassLabel(names=["cat", "dog", "owl"])
+    # the carved test split is stratified, as for any ClassLabel column
+    assert np.bincount(bundle.test["label"]).tolist() == [4, 4, 4]
+    # a class seen in one split only still gets one index in both
+    train, test = Dataset.from_dict({"label": ["b", "a"]}), Dataset.from_dict({"label": ["c"]})
+    names = class_names("label", train, test)
+    encoded = encode_labels(DatasetDict(train=train, test=test), "label", names)
+    assert names == ("a", "b", "c") and encoded["test"]["label"][:] == [2]
+
+
+@pytest.mark.parametrize(
+    ("labels", "holds"),
+    [([0, -1, 2], "(it holds -1)"), ([0.0, 1.5], "(it holds Value('float64'))"),
+     ([0, None, 1], ", one per sample (10 have none)")],
+)  # fmt: skip
+def test_labels_that_are_not_class_indices_are_refused(tmp_path, labels, holds):
+    with pytest.raises(ConfigError) as err:
+        load_data(ExperimentConfig(dataset=_labelled(labels * 10, tmp_path), num_nodes=2))
+    assert str(err.value).startswith(
+        "label-column='label' is not allowed: a ClassLabel column, integer class indices >= 0, "
+        "or strings"
+    )
+    assert str(err.value).endswith(holds)
