@@ -2,8 +2,9 @@
 
 ``final/node-<i>.safetensors`` holds node i's final trainable parameters.
 
-Every file is written to a temporary name and renamed into place, so a reader (or a crash) never
-sees a half-written file.
+Every file is written to a temporary name, fsynced and renamed into place, then its folder is
+fsynced (``replace_durably``), so a reader (or a crash) never sees a half-written file and a
+crash cannot undo a rename.
 """
 
 from __future__ import annotations
@@ -32,18 +33,50 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` via a fsynced temporary file in the same folder and a rename."""
+    make_dirs_durably(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` (already fsynced) to ``path``, then fsync the folder.
+
+    The rename lives in the folder's entries: until they reach the disk, a crash can bring back
+    the old file, or no file at all.
+    """
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def make_dirs_durably(folder: Path) -> None:
+    """``mkdir -p folder``, fsyncing the parent of each folder it creates (as for a rename)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # another writer (a node of the same round) may win the race
+        fsync_dir(new.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries (names created, renamed or deleted in it) to disk."""
+    if os.name == "nt":  # Windows cannot open a folder; NTFS journals its renames itself
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:

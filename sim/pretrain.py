@@ -32,8 +32,6 @@ re-implements them. Architecture and optimizer keys (``model``, ``img-size``, ``
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -41,13 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from flower_p2p.config import ExperimentConfig, _coerce
 from flower_p2p.data import DataBundle, load_data, make_transform, to_tensors
 from flower_p2p.models import architecture_overrides, create_model, data_config
 from flower_p2p.registry import ConfigError, Registry
-from flower_p2p.results import package_versions, write_json
+from flower_p2p.results import atomic_write_bytes, package_versions, write_json
 from flower_p2p.training import (
     evaluate,
     lr_at_round,
@@ -194,16 +192,9 @@ def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False)
 
 
 def _save_atomic(model: torch.nn.Module, path: Path) -> None:
+    """``model``'s state dict as safetensors: fsynced, renamed into place, folder fsynced."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
 
 
 def pretrain_from_args(values: dict[str, Any]) -> Path:
