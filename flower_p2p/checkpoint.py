@@ -25,9 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from flower_p2p.registry import ConfigError
-from flower_p2p.results import atomic_write_bytes, prepare_out_dir, write_json
+from flower_p2p.results import (
+    CHECKPOINTS_DIR,
+    atomic_write_bytes,
+    check_out_dir,
+    prepare_out_dir,
+    write_json,
+)
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = CHECKPOINTS_DIR
 MANIFEST = "latest.json"
 # Keys that may differ between the interrupted and the resumed run.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "checkpoint-every", "out-dir")
@@ -149,13 +155,21 @@ def load_latest(out: Path, run_config: dict) -> Checkpoint:
     return Checkpoint(round=int(meta["round"]), folder=folder, relay=relay, last_out=last_out)
 
 
-def open_out_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) -> Checkpoint | None:
-    """Prepare ``out`` for a fresh run (refusing to overwrite), or load the checkpoint to resume.
+def open_out_dir(
+    out: Path, run_config: dict, resume: bool, overwrite: bool, check_only: bool = False
+) -> Checkpoint | None:
+    """Prepare ``out`` for a fresh run, or load the checkpoint to resume.
 
-    Both happen before any training, so bad input leaves the folder as it was.
+    A fresh run with ``overwrite`` deletes the previous run's results (``prepare_out_dir``).
+    Both happen before any training, so bad input leaves the folder as it was. ``check_only``:
+    refuse what would be refused, but change nothing (``sim.engine`` checks before Ray starts;
+    the ServerApp, which writes the run, deletes).
     """
     if not resume:
-        prepare_out_dir(out, overwrite)
+        if check_only:
+            check_out_dir(out, overwrite)
+        else:
+            prepare_out_dir(out, overwrite)
         return None
     if not out.is_dir():
         raise ConfigError(

@@ -73,7 +73,8 @@ def run_experiment(cfg: ExperimentConfig, verbose: bool = False) -> Path:
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
     cfg = cfg.replace(out_dir=str(out))
     preflight(cfg)  # fail fast, before Ray starts
-    open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite)  # or refuse to resume
+    # refuse a bad out-dir or resume before Ray starts; the ServerApp deletes old results
+    open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite, check_only=True)
     with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
         _write_app(Path(app_dir), cfg)
         _run_simulation(
