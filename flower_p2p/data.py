@@ -168,6 +168,8 @@ class DataBundle:
     image_column: str
     label_column: str
     class_names: tuple[str, ...]
+    # The fraction of `train` carved off as `test` (seed TEST_SPLIT_SEED); None: its own split.
+    test_fraction: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -218,8 +220,9 @@ def _load_data_cached(key: tuple, cfg: ExperimentConfig) -> DataBundle:
         columns = splits["train"].column_names
         image_col = pick_column(columns, cfg.image_column, IMAGE_COLUMNS, "image-column")
         label_col = pick_column(columns, cfg.label_column, LABEL_COLUMNS, "label-column")
-        if "test" not in splits:
-            splits = _split_off_test(splits["train"], label_col, cfg.test_fraction)
+        carved = None if "test" in splits else cfg.test_fraction
+        if carved is not None:
+            splits = _split_off_test(splits["train"], label_col, carved)
         train, test = splits["train"], splits["test"]
         names = _class_names(train, label_col)
         _check_node_count(cfg, len(train))
@@ -227,8 +230,8 @@ def _load_data_cached(key: tuple, cfg: ExperimentConfig) -> DataBundle:
         partitioner.dataset = train
         partitions = _load_partitions(partitioner, cfg)
     else:
-        partitions, test, image_col, label_col, names = _load_hub(cfg)
-    return DataBundle(tuple(partitions), test, image_col, label_col, names)
+        partitions, test, image_col, label_col, names, carved = _load_hub(cfg)
+    return DataBundle(tuple(partitions), test, image_col, label_col, names, carved)
 
 
 def _check_node_count(cfg: ExperimentConfig, num_train: int) -> None:
@@ -256,7 +259,9 @@ def _load_partitions(partitioner: Partitioner, cfg: ExperimentConfig) -> list[Da
     return parts
 
 
-def _load_hub(cfg: ExperimentConfig) -> tuple[list[Dataset], Dataset, str, str, tuple[str, ...]]:
+def _load_hub(
+    cfg: ExperimentConfig,
+) -> tuple[list[Dataset], Dataset, str, str, tuple[str, ...], float | None]:
     from datasets import get_dataset_split_names
 
     try:
@@ -286,7 +291,9 @@ def _load_hub(cfg: ExperimentConfig) -> tuple[list[Dataset], Dataset, str, str, 
         seed=TEST_SPLIT_SEED,
     )
     _check_node_count(cfg, len(fds.load_split("train")))
-    return _load_partitions(partitioner, cfg), fds.load_split("test"), image_col, label_col, names
+    carved = None if "test" in split_names else cfg.test_fraction
+    test = fds.load_split("test")
+    return _load_partitions(partitioner, cfg), test, image_col, label_col, names, carved
 
 
 def make_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]):

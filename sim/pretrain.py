@@ -139,7 +139,10 @@ def source_pool(cfg: ExperimentConfig, pc: PretrainConfig) -> DataBundle:
 
 
 def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False) -> Path:
-    """Train ``cfg``'s architecture on ``pc.source``; write checkpoint + sidecar atomically."""
+    """Train ``cfg``'s architecture on ``pc.source``; write the checkpoint, then its sidecar.
+
+    Both atomically and fsynced; an earlier sidecar at that path is removed first.
+    """
     path = Path(pc.checkpoint).expanduser().resolve()
     if (path.exists() or sidecar_path(path).exists()) and not overwrite:
         raise ConfigError("checkpoint", str(path), "a new file, or overwrite=true to replace it")
@@ -165,6 +168,10 @@ def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False)
         print(f"pretrain epoch {epoch}/{passes}: loss {loss:.3f}, {pc.source} accuracy "
               f"{100 * acc:.1f}% on {len(hy)} held-out samples", flush=True)  # fmt: skip
     spec = pc.source_dataset or cfg.dataset
+    # The checkpoint first, then its description: a crash in between leaves a checkpoint with no
+    # sidecar (checked by its shapes alone), never a sidecar describing other weights.
+    sidecar_path(path).unlink(missing_ok=True)
+    _save_atomic(model, path)
     write_json(
         sidecar_path(path),
         {
@@ -174,6 +181,10 @@ def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False)
             "source": pc.source,
             "source_dataset": spec,
             "source_split": "train",
+            # What this run carved off `train` as the test split (None: the dataset's own):
+            # a downstream run on the same dataset must carve the same, or it tests on images
+            # this backbone trained on (models.check_checkpoint_source).
+            "source_test_fraction": bundle.test_fraction,
             "downstream_labels_used": pc.source == "supervised" and spec == cfg.dataset,
             "epochs": passes,
             "steps": pc.steps,
@@ -187,7 +198,6 @@ def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False)
             "versions": package_versions(),
         },
     )  # fmt: skip
-    _save_atomic(model, path)
     return path
 
 
