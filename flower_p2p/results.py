@@ -4,7 +4,8 @@
 
 Every file is written to a temporary name, fsynced and renamed into place, then its folder is
 fsynced (``replace_durably``), so a reader (or a crash) never sees a half-written file and a
-crash cannot undo a rename.
+crash cannot undo a rename. ``overwrite=true`` deletes exactly what a previous run wrote
+(``RUN_OUTPUTS``), and refuses a folder holding anything else (``prepare_out_dir``).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def prepare_out_dir(
     """
     for stale in check_out_dir(path, overwrite, outputs):
         remove_path(stale)
-    path.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(path)
 
 
 def run_outputs(folder: Path) -> list[Path]:
