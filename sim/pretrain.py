@@ -2,9 +2,10 @@
 
 The checkpoint is a timm state dict in ``.safetensors`` that ``pretrained=<path>`` loads through
 timm's pretrained machinery (the head is reset for the downstream task), plus a JSON sidecar
-``<checkpoint>.json`` with the model name, its architecture overrides, the source task, epochs
-and the accuracy on the source task. ``create_model`` refuses a checkpoint whose sidecar names
-another architecture.
+``<checkpoint>.json`` with the model name, its architecture overrides, the source task and
+dataset, the ``test-fraction`` carved off it (``source_test_fraction``), epochs and the accuracy
+on the source task. ``create_model`` refuses a checkpoint whose sidecar names another
+architecture, or the run's own dataset with another carve (its test images were trained on).
 
 Source tasks (``source``):
 
