@@ -25,9 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from flower_p2p.registry import ConfigError
-from flower_p2p.results import atomic_write_bytes, prepare_out_dir, write_json
+from flower_p2p.results import (
+    CHECKPOINTS_DIR,
+    RUN_MARKER,
+    atomic_write_bytes,
+    check_out_dir,
+    prepare_out_dir,
+    write_json,
+)
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = CHECKPOINTS_DIR
 MANIFEST = "latest.json"
 # Keys that may differ between the interrupted and the resumed run.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "checkpoint-every", "out-dir")
@@ -128,10 +135,7 @@ def load_latest(out: Path, run_config: dict) -> Checkpoint:
     """The last committed checkpoint of ``out``; refused if missing or from another config."""
     manifest = out / CHECKPOINTS / MANIFEST
     if not manifest.is_file():
-        raise ConfigError(
-            "resume", True, f"an out-dir holding a checkpoint ({manifest} does not exist; "
-            "start the run with checkpoint-every > 0)",
-        )  # fmt: skip
+        raise ConfigError("resume", True, f"an out-dir holding a checkpoint; {_no_checkpoint(out)}")
     meta = json.loads(manifest.read_text())
     saved, now = _comparable(meta["config"]), _comparable(run_config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
@@ -149,13 +153,49 @@ def load_latest(out: Path, run_config: dict) -> Checkpoint:
     return Checkpoint(round=int(meta["round"]), folder=folder, relay=relay, last_out=last_out)
 
 
-def open_out_dir(out: Path, run_config: dict, resume: bool, overwrite: bool) -> Checkpoint | None:
-    """Prepare ``out`` for a fresh run (refusing to overwrite), or load the checkpoint to resume.
+def _no_checkpoint(out: Path) -> str:
+    """Why ``out`` has no checkpoint to resume from, and what to type instead."""
+    again = f"run it again without resume: overwrite=true resume=false out-dir={out}"
+    try:
+        started = json.loads((out / RUN_MARKER).read_text())["config"]
+        every = int(started["checkpoint-every"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (
+            f"{out} has no config.json, so it is not a run's results folder (no run was "
+            "started there); start the run without resume=true"
+        )
+    if every == 0:
+        return (
+            f"the run in {out} was started with checkpoint-every=0 (per its config.json), so it "
+            f"never checkpointed; {again} (add checkpoint-every=k to be able to resume it)"
+        )
+    if (out / "summary.json").is_file():
+        return (
+            f"the run in {out} was started with checkpoint-every={every} (per its config.json) "
+            f"and finished (summary.json) before round {every}, so it has no checkpoint; "
+            f"there is nothing to resume"
+        )
+    return (
+        f"the run in {out} was started with checkpoint-every={every} (per its config.json) but "
+        f"has no complete checkpoint: it stopped before round {every} finished; {again}"
+    )
 
-    Both happen before any training, so bad input leaves the folder as it was.
+
+def open_out_dir(
+    out: Path, run_config: dict, resume: bool, overwrite: bool, check_only: bool = False
+) -> Checkpoint | None:
+    """Prepare ``out`` for a fresh run, or load the checkpoint to resume.
+
+    A fresh run with ``overwrite`` deletes the previous run's results (``prepare_out_dir``).
+    Both happen before any training, so bad input leaves the folder as it was. ``check_only``:
+    refuse what would be refused, but change nothing (``sim.engine`` checks before Ray starts;
+    the ServerApp, which writes the run, deletes).
     """
     if not resume:
-        prepare_out_dir(out, overwrite)
+        if check_only:
+            check_out_dir(out, overwrite)
+        else:
+            prepare_out_dir(out, overwrite)
         return None
     if not out.is_dir():
         raise ConfigError(

@@ -182,6 +182,8 @@ class DataBundle:
     image_column: str
     label_column: str
     class_names: tuple[str, ...]
+    # The fraction of `train` carved off as `test` (seed TEST_SPLIT_SEED); None: its own split.
+    test_fraction: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -280,16 +282,17 @@ def _load_data_cached(key: tuple, cfg: ExperimentConfig) -> DataBundle:
             label_col, splits["train"], *(v for k, v in splits.items() if k != "train")
         )
         splits = encode_labels(splits, label_col, names)
-        if "test" not in splits:
-            splits = _split_off_test(splits["train"], label_col, cfg.test_fraction)
+        carved = None if "test" in splits else cfg.test_fraction
+        if carved is not None:
+            splits = _split_off_test(splits["train"], label_col, carved)
         train, test = splits["train"], splits["test"]
         _check_node_count(cfg, len(train))
         partitioner = PARTITIONERS.get(cfg.partitioner)(cfg, label_col, len(names))
         partitioner.dataset = train
         partitions = _load_partitions(partitioner, cfg)
     else:
-        partitions, test, image_col, label_col, names = _load_hub(cfg)
-    return DataBundle(tuple(partitions), test, image_col, label_col, names)
+        partitions, test, image_col, label_col, names, carved = _load_hub(cfg)
+    return DataBundle(tuple(partitions), test, image_col, label_col, names, carved)
 
 
 def _check_node_count(cfg: ExperimentConfig, num_train: int) -> None:
@@ -317,7 +320,9 @@ def _load_partitions(partitioner: Partitioner, cfg: ExperimentConfig) -> list[Da
     return parts
 
 
-def _load_hub(cfg: ExperimentConfig) -> tuple[list[Dataset], Dataset, str, str, tuple[str, ...]]:
+def _load_hub(
+    cfg: ExperimentConfig,
+) -> tuple[list[Dataset], Dataset, str, str, tuple[str, ...], float | None]:
     from datasets import get_dataset_split_names
 
     try:
@@ -362,7 +367,9 @@ def _load_hub(cfg: ExperimentConfig) -> tuple[list[Dataset], Dataset, str, str, 
     train = fds.load_split("train")
     _check_node_count(cfg, len(train))
     partitioner.dataset = train  # what fds.load_partition would assign
-    return _load_partitions(partitioner, cfg), fds.load_split("test"), image_col, label_col, names
+    carved = None if "test" in split_names else cfg.test_fraction
+    test = fds.load_split("test")
+    return _load_partitions(partitioner, cfg), test, image_col, label_col, names, carved
 
 
 def make_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]):

@@ -108,7 +108,13 @@ def local_steps(cfg, num_samples: int, fraction: float = 1.0) -> int:  # cfg: Ex
 
 
 def check_injected_failure(cfg, node: int, rnd: int) -> None:  # cfg: ExperimentConfig
-    """Raise ``InjectedFault`` where ``fail-every`` asks for it (a real failure of the node)."""
+    """Raise ``InjectedFault`` where ``fail-every`` asks for it (a real failure of the node).
+
+    The ``centralized`` reference is exempt: its single node is node ``FAIL_NODE`` too, but it is
+    one model, not a network, and has no faults (as in ``fault_plan``).
+    """
+    if cfg.strategy == "centralized":
+        return
     if cfg.fail_every and node == FAIL_NODE and rnd % cfg.fail_every == 0:
         raise InjectedFault(f"injected failure (fail-every={cfg.fail_every}) in round {rnd}")
 

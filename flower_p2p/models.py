@@ -137,6 +137,47 @@ def hub_unavailable(name: str, err: Exception) -> str:
     )
 
 
+def check_checkpoint_source(path: Path, cfg: ExperimentConfig) -> None:
+    """Refuse a checkpoint pretrained on ``cfg``'s dataset with another test split carved off.
+
+    ``sim pretrain`` on a dataset without a test split reads the train pool left by its
+    ``test-fraction``; a run on that dataset with another fraction would test on images the
+    backbone trained on. Sidecars from before the fraction was recorded are refused likewise.
+    """
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        return  # a foreign checkpoint: nothing says what it was trained on
+    meta = json.loads(sidecar.read_text())
+    source = meta.get("source_dataset")
+    if not isinstance(source, str) or not _same_dataset(source, cfg.dataset):
+        return
+    if "source_test_fraction" not in meta:
+        raise ConfigError(
+            "pretrained", str(path), f"a checkpoint whose sidecar records the test-fraction "
+            f"its pretraining carved off dataset={source}; {sidecar.name} does not (written "
+            "before sim pretrain recorded it), so the backbone may have trained on this run's "
+            f"test images: pretrain again (python -m sim pretrain source-dataset={source} "
+            f"test-fraction={cfg.test_fraction} ...), or use another checkpoint",
+        )  # fmt: skip
+    carved = meta["source_test_fraction"]
+    if carved is not None and carved != cfg.test_fraction:
+        raise ConfigError(
+            "pretrained", str(path), f"a checkpoint pretrained with this run's test split held "
+            f"out; it was pretrained on dataset={source} with test-fraction={carved} carved off, "
+            f"this run carves test-fraction={cfg.test_fraction}, so its test split holds images "
+            f"the backbone trained on: use test-fraction={carved}, or pretrain again with "
+            f"test-fraction={cfg.test_fraction}",
+        )  # fmt: skip
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    # A local folder may be spelled differently (relative, ~); names compare as they are.
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """Build the model for ``cfg`` with a freshly initialised ``num_classes`` head.
 
@@ -166,6 +207,7 @@ def create_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
             if not path.is_file():
                 raise ConfigError("pretrained", cfg.pretrained, "an existing checkpoint file")
             check_checkpoint_architecture(path, cfg)
+            check_checkpoint_source(path, cfg)
             classifier = timm.models.get_pretrained_cfg(cfg.model).classifier
             # Build with the checkpoint's own head size so timm loads strictly (a differing
             # num_classes makes timm drop the head *and* silently accept missing blocks).

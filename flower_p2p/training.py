@@ -117,9 +117,14 @@ def restricted_softmax_scale(
     Trained on its own classes only, a node's cross-entropy pushes every other class's logit
     down, so its local steps undo what mixing brought in about classes it never holds. Scaling
     the logits of the classes not in ``seen`` (the class ids the node holds) by ``alpha`` in the
-    local loss damps that: 0 leaves the missing classes' head rows untouched by local training
-    (only mixing moves them), 1 is plain cross-entropy (None: nothing to scale). Evaluation
-    always uses the plain logits.
+    local loss damps that; 1 is plain cross-entropy (None: nothing to scale). Evaluation always
+    uses the plain logits.
+
+    0 gives the missing classes' head rows (weight and bias) a zero gradient. With
+    ``weight-decay=0`` local training then leaves them bit-identical (only mixing moves them);
+    weight decay still shrinks them towards 0: AdamW multiplies them by ``1 - lr * wd`` every
+    step (its moments for those rows stay 0, so the Adam step adds nothing), SGD adds
+    ``wd * w`` to their zero gradient (through momentum).
     """
     if alpha >= 1.0 or len(seen) >= num_classes:
         return None

@@ -6,12 +6,23 @@ import json
 from pathlib import Path
 
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.results import prepare_out_dir, resolve_out_dir, write_json
+from flower_p2p.results import (
+    RUN_MARKER,
+    TABLE_OUTPUTS,
+    earlier_outputs,
+    prepare_out_dir,
+    resolve_out_dir,
+    run_outputs,
+    write_json,
+)
 from sim.plots import plot_folder
 from sim.runs import network_bytes_per_node
 from sim.table import write_md_and_csv
+from strategies import strategy_names
 
 REFERENCES = ("local", "centralized")
+# What a compare writes next to its run folders (`sim table`/`sim plot` may add the rest).
+COMPARE_FILES = ("compare.md", "compare.csv", *TABLE_OUTPUTS)
 
 
 def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
@@ -20,16 +31,16 @@ def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
     Then every plot: each run's own (centralized as their reference line) and, in ``plots/``,
     the strategies side by side (``compare-strategy.png``).
     """
+    from flower_p2p.server_app import preflight
     from sim.engine import run_experiment
 
     out = resolve_out_dir(cfg.out_dir, f"compare-{cfg.strategy}")
-    prepare_out_dir(out, cfg.overwrite)
     names = [cfg.strategy, *(r for r in REFERENCES if r != cfg.strategy)]
-    runs = {}
-    for name in names:
-        runs[name] = run_experiment(
-            cfg.replace(strategy=name, out_dir=str(out / name), overwrite=True), verbose=verbose
-        )
+    configs = {n: cfg.replace(strategy=n, out_dir=str(out / n), overwrite=True) for n in names}
+    for one in configs.values():  # every run's data and model, before the folder is cleared
+        preflight(one)
+    prepare_out_dir(out, cfg.overwrite, compare_outputs)
+    runs = {name: run_experiment(one, verbose=verbose) for name, one in configs.items()}
     summaries = {n: json.loads((d / "summary.json").read_text()) for n, d in runs.items()}
     reference = {n: summaries[n]["accuracy_mean"] for n in REFERENCES if n in summaries}
     for name, run_dir in runs.items():
@@ -38,6 +49,20 @@ def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
     write_table(out, summaries)
     plot_folder(out)
     return out
+
+
+def compare_outputs(folder: Path) -> list[Path]:
+    """What an earlier compare wrote in ``folder``: its tables, plots and one run per strategy.
+
+    Refuses (nothing deleted) a folder holding anything else, or a run folder that does.
+    """
+    names = strategy_names()
+    for name in names:
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            run_outputs(folder / name)
+    known = {*COMPARE_FILES, *names}
+    markers = ("compare.md", *(f"{n}/{RUN_MARKER}" for n in names))
+    return earlier_outputs(folder, known, markers, "compare")
 
 
 def _pct(value: float | None) -> str:

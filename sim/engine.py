@@ -2,16 +2,22 @@
 
 Flower's public ``run_simulation`` is deprecated and cannot pass a run config, and ``flwr run``
 needs a SuperLink process. So this calls the simulation runtime that ``flwr run`` itself uses
-(``_run_simulation``, pinned by ``flwr<1.43`` in pyproject.toml), with a throw-away app folder whose
-``pyproject.toml`` carries the fully resolved run config: every ClientApp and the ServerApp see
-exactly the keys ``flwr run . --run-config ...`` would give them.
+(the private ``_run_simulation``, tested with flwr 1.42 only, hence ``flwr>=1.42,<1.43`` in
+pyproject.toml), with a throw-away app folder whose ``pyproject.toml`` carries the fully resolved
+run config: every ClientApp and the ServerApp see exactly the keys ``flwr run . --run-config ...``
+would give them. ``simulation_runtime`` checks its signature before anything else runs.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import tempfile
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 import torch
@@ -24,6 +30,52 @@ from flower_p2p.server_app import preflight
 
 SERVER_APP = "flower_p2p.server_app:app"
 CLIENT_APP = "flower_p2p.client_app:app"
+
+# The flwr versions whose private simulation runtime this module is tested with.
+SUPPORTED_FLWR = "1.42.*"
+# The keywords run_experiment passes to flwr's ``_run_simulation``.
+SIMULATION_KWARGS = (
+    "num_supernodes", "exit_event", "server_app_attr", "client_app_attr", "backend_name",
+    "backend_config", "app_dir", "is_app", "verbose_logging", "server_app_context",
+)  # fmt: skip
+
+
+def simulation_runtime() -> tuple[Callable[..., Any], Any]:
+    """The private ``_run_simulation`` of flwr and the exit event to pass, if it takes our keywords.
+
+    Otherwise a RuntimeError naming the installed and the supported flwr and what to do, raised
+    before the results folder, the data or Ray are touched.
+    """
+    try:
+        module = importlib.import_module("flwr.simulation.run_simulation")
+        run, exit_event = module._run_simulation, module.EventType.PYTHON_API_RUN_SIMULATION_LEAVE
+    except (ImportError, AttributeError) as err:
+        raise RuntimeError(_unsupported(f"flwr.simulation.run_simulation: {err}")) from err
+    params = inspect.signature(run).parameters
+    missing = [k for k in SIMULATION_KWARGS if k not in params]
+    required = [
+        name for name, p in params.items()
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and name not in SIMULATION_KWARGS
+    ]  # fmt: skip
+    if missing:
+        raise RuntimeError(_unsupported(f"its _run_simulation lacks {', '.join(missing)}"))
+    if required:
+        raise RuntimeError(_unsupported(f"its _run_simulation requires {', '.join(required)}"))
+    return run, exit_event
+
+
+def _unsupported(what: str) -> str:
+    try:
+        installed = f"flwr {metadata.version('flwr')} is installed"
+    except metadata.PackageNotFoundError:
+        installed = "flwr is not installed"
+    return (
+        f"{installed}, but python -m sim runs Flower's private simulation runtime, tested with "
+        f"flwr {SUPPORTED_FLWR} only ({what}). Install the supported version: pip install "
+        f"'flwr[simulation]=={SUPPORTED_FLWR}'; or run the app through Flower's public CLI: "
+        f"flwr run . --run-config '...' (see the README)"
+    )
 
 
 def num_supernodes(cfg: ExperimentConfig) -> int:
@@ -76,17 +128,18 @@ def run_experiment(
     ``server_app`` is the ServerApp's ``module:attribute`` (tests wrap the relay to watch it).
     """
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import EventType, _run_simulation
 
+    run_simulation, exit_event = simulation_runtime()  # before the folder, the data and Ray
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
     cfg = cfg.replace(out_dir=str(out))
     preflight(cfg)  # fail fast, before Ray starts
-    open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite)  # or refuse to resume
+    # refuse a bad out-dir or resume before Ray starts; the ServerApp deletes old results
+    open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite, check_only=True)
     with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
         _write_app(Path(app_dir), cfg)
-        _run_simulation(
+        run_simulation(
             num_supernodes=num_supernodes(cfg),
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            exit_event=exit_event,
             server_app_attr=server_app,
             client_app_attr=CLIENT_APP,
             backend_name="ray",

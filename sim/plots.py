@@ -7,6 +7,7 @@ those of a run, compare or sweep folder. Curves are labelled at their ends, not 
 
 from __future__ import annotations
 
+import io
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from flower_p2p.config import ExperimentConfig  # noqa: E402
 from flower_p2p.registry import ConfigError  # noqa: E402
+from flower_p2p.results import atomic_write_bytes  # noqa: E402
 from sim.runs import (  # noqa: E402
     Run,
     collect_runs,
@@ -44,10 +46,11 @@ GROUP_ORDER = ("attn", "mlp", "norm", "head", "embed", "other")
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    """Write ``fig`` as a PNG (atomically, like every results file) and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -2,9 +2,10 @@
 
 The checkpoint is a timm state dict in ``.safetensors`` that ``pretrained=<path>`` loads through
 timm's pretrained machinery (the head is reset for the downstream task), plus a JSON sidecar
-``<checkpoint>.json`` with the model name, its architecture overrides, the source task, epochs
-and the accuracy on the source task. ``create_model`` refuses a checkpoint whose sidecar names
-another architecture.
+``<checkpoint>.json`` with the model name, its architecture overrides, the source task and
+dataset, the ``test-fraction`` carved off it (``source_test_fraction``), epochs and the accuracy
+on the source task. ``create_model`` refuses a checkpoint whose sidecar names another
+architecture, or the run's own dataset with another carve (its test images were trained on).
 
 Source tasks (``source``):
 
@@ -32,8 +33,6 @@ re-implements them. Architecture and optimizer keys (``model``, ``img-size``, ``
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -41,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from flower_p2p.config import ExperimentConfig, _coerce
 from flower_p2p.data import DataBundle, load_data, make_transform, to_tensors
 from flower_p2p.models import architecture_overrides, create_model, data_config
 from flower_p2p.registry import ConfigError, Registry
-from flower_p2p.results import package_versions, write_json
+from flower_p2p.results import atomic_write_bytes, package_versions, write_json
 from flower_p2p.training import (
     evaluate,
     lr_at_round,
@@ -141,7 +140,10 @@ def source_pool(cfg: ExperimentConfig, pc: PretrainConfig) -> DataBundle:
 
 
 def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False) -> Path:
-    """Train ``cfg``'s architecture on ``pc.source``; write checkpoint + sidecar atomically."""
+    """Train ``cfg``'s architecture on ``pc.source``; write the checkpoint, then its sidecar.
+
+    Both atomically and fsynced; an earlier sidecar at that path is removed first.
+    """
     path = Path(pc.checkpoint).expanduser().resolve()
     if (path.exists() or sidecar_path(path).exists()) and not overwrite:
         raise ConfigError("checkpoint", str(path), "a new file, or overwrite=true to replace it")
@@ -167,6 +169,10 @@ def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False)
         print(f"pretrain epoch {epoch}/{passes}: loss {loss:.3f}, {pc.source} accuracy "
               f"{100 * acc:.1f}% on {len(hy)} held-out samples", flush=True)  # fmt: skip
     spec = pc.source_dataset or cfg.dataset
+    # The checkpoint first, then its description: a crash in between leaves a checkpoint with no
+    # sidecar (checked by its shapes alone), never a sidecar describing other weights.
+    sidecar_path(path).unlink(missing_ok=True)
+    _save_atomic(model, path)
     write_json(
         sidecar_path(path),
         {
@@ -176,6 +182,10 @@ def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False)
             "source": pc.source,
             "source_dataset": spec,
             "source_split": "train",
+            # What this run carved off `train` as the test split (None: the dataset's own):
+            # a downstream run on the same dataset must carve the same, or it tests on images
+            # this backbone trained on (models.check_checkpoint_source).
+            "source_test_fraction": bundle.test_fraction,
             "downstream_labels_used": pc.source == "supervised" and spec == cfg.dataset,
             "epochs": passes,
             "steps": pc.steps,
@@ -189,21 +199,13 @@ def pretrain(cfg: ExperimentConfig, pc: PretrainConfig, overwrite: bool = False)
             "versions": package_versions(),
         },
     )  # fmt: skip
-    _save_atomic(model, path)
     return path
 
 
 def _save_atomic(model: torch.nn.Module, path: Path) -> None:
+    """``model``'s state dict as safetensors: fsynced, renamed into place, folder fsynced."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
 
 
 def pretrain_from_args(values: dict[str, Any]) -> Path:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.models import architecture_overrides
 from flower_p2p.registry import ConfigError
 from sim.engine import run_experiment
 
@@ -90,9 +91,14 @@ CASES = [
      f"{F}/unknown-node.txt:3: edge 2-7", "node ids in [0, 2] (num-nodes)"),
     ("disconnected", {"topology": f"{F}/disconnected.txt", "num-nodes": 4}, "topology", None,
      "a connected graph (components: [[0, 1], [2, 3]])"),
-    # checkpoints that do not match the model
+    # checkpoints that do not match the model, or the run's test split
     ("checkpoint-shape", {"pretrained": f"{F}/wider.safetensors"}, "pretrained", None,
      "a checkpoint matching model=vit_tiny_patch16_224"),
+    ("checkpoint-carve", {"pretrained": f"{F}/digits-carve-0.3.safetensors"}, "pretrained",
+     None, "test-fraction=0.3 carved off, this run carves test-fraction=0.2"),
+    # a results folder that overwrite=true must not wipe
+    ("out-dir-foreign", {"out-dir": f"{F}/not-a-run", "overwrite": "true"}, "out-dir", None,
+     "this one also holds notes.txt, which no run writes (nothing was deleted"),
     # datasets
     ("no-label-column", {"dataset": f"{F}/no-label"}, "label-column", "auto",
      "none of label, fine_label, labels, coarse_label is among the dataset's columns (image)"),
@@ -126,6 +132,19 @@ def make_bad_files(folder: Path) -> Path:
     )
     state = {k: v.contiguous() for k, v in wider.state_dict().items()}
     save_file(state, str(folder / "wider.safetensors"))
+    # the run's own architecture, as `sim pretrain` leaves it after pretraining on digits with
+    # test-fraction=0.3 (the runs here carve the default 0.2)
+    cfg = ExperimentConfig.from_run_config(BASE)
+    model = timm.create_model(cfg.model, num_classes=4, **architecture_overrides(cfg))
+    carve = folder / "digits-carve-0.3.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(carve))
+    sidecar = {"model": cfg.model, "overrides": architecture_overrides(cfg), "num_classes": 4,
+               "source_dataset": "digits", "source_test_fraction": 0.3}  # fmt: skip
+    carve.with_name(carve.name + ".json").write_text(json.dumps(sidecar))
+    # a run's folder into which someone put their own file
+    (folder / "not-a-run").mkdir(exist_ok=True)
+    (folder / "not-a-run" / "config.json").write_text("{}")
+    (folder / "not-a-run" / "notes.txt").write_text("mine")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)) for _ in range(20)]
     image = datasets.Image()
@@ -201,7 +220,7 @@ def markdown_table(files: Path) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             with pytest.raises(ConfigError) as err:
                 run_config = {**BASE, **{k: _fill(v, files) for k, v in override.items()}}
-                run_config["out-dir"] = str(Path(tmp) / "out")
+                run_config.setdefault("out-dir", str(Path(tmp) / "out"))
                 run_experiment(ExperimentConfig.from_run_config(run_config))
         others = " ".join(f"{k}={v}" for k, v in override.items() if k != key)
         shown = json.dumps(override[key]) if key in override else "(auto)"

@@ -16,6 +16,7 @@ from flower_p2p.checkpoint import (
 )
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.registry import ConfigError
+from flower_p2p.results import write_json
 
 CONFIG = ExperimentConfig(num_nodes=3, out_dir="/x").to_run_config()
 
@@ -62,9 +63,53 @@ def test_the_manifest_commits_and_older_checkpoints_go(tmp_path):
 def test_resume_is_refused_without_a_folder_or_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="out-dir="):
         open_out_dir(tmp_path / "none", CONFIG, resume=True, overwrite=False)
-    with pytest.raises(ConfigError, match="checkpoint-every > 0"):
+    with pytest.raises(ConfigError, match="no config.json"):
         open_out_dir(tmp_path, CONFIG, resume=True, overwrite=False)
     assert open_out_dir(tmp_path / "new", CONFIG, resume=False, overwrite=False) is None
+
+
+def _started(folder, every: int, finished: bool = False):
+    """A run folder as a run started with checkpoint-every=``every`` leaves it, no checkpoint."""
+    folder.mkdir()
+    run_config = {**CONFIG, "checkpoint-every": every, "out-dir": str(folder)}
+    write_json(folder / "config.json", {"config": run_config, "seed": 0})
+    if finished:
+        write_json(folder / "summary.json", {})
+    return folder
+
+
+def test_resume_without_a_run_folder_says_none_was_started(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as err:
+        load_latest(tmp_path, CONFIG)
+    msg = err.value.allowed
+    assert "no config.json" in msg and "not a run's results folder" in msg
+    assert "without resume=true" in msg
+
+
+def test_resume_of_a_run_that_never_checkpointed_says_so(tmp_path):
+    out = _started(tmp_path / "run", every=0)
+    with pytest.raises(ConfigError) as err:
+        load_latest(out, CONFIG)
+    msg = err.value.allowed
+    assert "checkpoint-every=0" in msg and "never checkpointed" in msg
+    assert f"overwrite=true resume=false out-dir={out}" in msg
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_says_so(tmp_path):
+    out = _started(tmp_path / "run", every=5)
+    with pytest.raises(ConfigError) as err:
+        load_latest(out, {**CONFIG, "checkpoint-every": 5})
+    msg = err.value.allowed
+    assert "checkpoint-every=5" in msg and "stopped before round 5 finished" in msg
+    assert "checkpoint-every > 0" not in msg  # it was: the old advice was wrong
+    assert f"overwrite=true resume=false out-dir={out}" in msg
+
+
+def test_resume_of_a_run_that_finished_before_its_first_checkpoint_says_so(tmp_path):
+    out = _started(tmp_path / "run", every=500, finished=True)
+    with pytest.raises(ConfigError, match="finished .*before round 500"):
+        load_latest(out, CONFIG)
 
 
 def test_temporary_files_of_a_killed_run_are_removed(tmp_path):

@@ -15,6 +15,7 @@ from flower_p2p.faults import (
     fault_plan,
     local_steps,
 )
+from flower_p2p.node import CENTRALIZED_NODE
 from flower_p2p.registry import ConfigError
 from flower_p2p.topology import topology_for
 from strategies import DSGD
@@ -77,6 +78,13 @@ def test_injected_failure_hits_one_node_every_k_rounds():
     check_injected_failure(cfg, FAIL_NODE, 5)
     check_injected_failure(cfg, FAIL_NODE + 1, 6)
     check_injected_failure(ExperimentConfig(), FAIL_NODE, 6)
+
+
+def test_injected_failure_spares_the_centralized_reference():
+    # Its single node is node FAIL_NODE too, but the reference is one model with no faults.
+    cfg = ExperimentConfig(strategy="centralized", num_nodes=4, fail_every=3)
+    assert CENTRALIZED_NODE == FAIL_NODE
+    check_injected_failure(cfg, CENTRALIZED_NODE, 6)
 
 
 def test_fault_log_counts_every_error_and_survives_a_round_trip():

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.models import create_model
 from flower_p2p.registry import ConfigError
+from flower_p2p.server_app import preflight
 from sim.cli import main
 from sim.pretrain import PretrainConfig, sidecar_path
 
@@ -83,6 +84,60 @@ def test_existing_checkpoint_is_not_overwritten_and_bad_keys_are_refused(checkpo
         PretrainConfig.split({"checkpoint": "x.pt"})
     with pytest.raises(ConfigError, match="epochs"):
         PretrainConfig.split({"epochs": 0})
+
+
+def _downstream(checkpoint, **changes) -> ExperimentConfig:
+    """A downstream run on digits (the checkpoint's own source) from ``checkpoint``."""
+    return ExperimentConfig(depth=1, img_size=16, patch_size=8, num_nodes=2,
+                            pretrained=str(checkpoint), **changes)  # fmt: skip
+
+
+def test_pretrain_records_the_test_fraction_it_carved(checkpoint):
+    meta = json.loads(sidecar_path(checkpoint).read_text())
+    # digits has no test split: pretraining read the train pool left by test-fraction=0.2
+    assert meta["source_dataset"] == "digits" and meta["source_test_fraction"] == 0.2
+
+
+def test_a_run_on_the_source_dataset_with_another_carve_is_refused(checkpoint):
+    # test-fraction=0.3 moves images the backbone trained on into this run's test split
+    with pytest.raises(ConfigError, match=r"pretrained=.*test-fraction=0\.2.*test-fraction=0\.3"):
+        preflight(_downstream(checkpoint, test_fraction=0.3))
+    preflight(_downstream(checkpoint, test_fraction=0.2))  # the same carve: no test image seen
+
+
+def test_an_old_sidecar_without_the_carve_is_refused_on_its_source_dataset(checkpoint, tmp_path):
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(checkpoint.read_bytes())
+    meta = json.loads(sidecar_path(checkpoint).read_text())
+    del meta["source_test_fraction"]
+    sidecar_path(old).write_text(json.dumps(meta))
+    advice = r"old\.safetensors\.json does not.*sim pretrain.*test-fraction=0\.2"
+    with pytest.raises(ConfigError, match=advice):
+        preflight(_downstream(old))
+
+
+def test_pretrain_writes_the_checkpoint_before_its_sidecar(tmp_path, monkeypatch):
+    import sim.pretrain
+
+    path = tmp_path / "order.safetensors"
+    sidecar_path(path).write_text("{}")  # a stale sidecar of an earlier checkpoint
+    order = []
+    real_bytes, real_json = sim.pretrain.atomic_write_bytes, sim.pretrain.write_json
+
+    def write_bytes(p, data):
+        order.append((p.name, sidecar_path(path).exists()))
+        real_bytes(p, data)
+
+    def write_json(p, obj):
+        order.append((p.name, path.exists()))
+        real_json(p, obj)
+
+    monkeypatch.setattr(sim.pretrain, "atomic_write_bytes", write_bytes)
+    monkeypatch.setattr(sim.pretrain, "write_json", write_json)
+    args = ["source=rotation", "source-dataset=digits", "steps=1", "overwrite=true"]
+    assert main(["pretrain", *ARCH, *args, f"checkpoint={path}"]) == 0
+    # the stale sidecar went first, so no moment pairs the new weights with the old description
+    assert order == [(path.name, False), (sidecar_path(path).name, True)]
 
 
 def test_glyph_pretraining_gives_digits_a_better_linear_probe_than_random_init(tmp_path):

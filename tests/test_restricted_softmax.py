@@ -1,4 +1,4 @@
-"""``restricted-softmax`` (FedRS): a node's local steps leave its missing classes' logits alone."""
+"""``restricted-softmax`` (FedRS): local steps give no gradient to a node's missing classes."""
 
 import pytest
 import torch
@@ -17,19 +17,47 @@ def test_scale_is_alpha_on_missing_classes_and_none_when_nothing_to_scale():
     assert restricted_softmax_scale(3, torch.tensor([0, 1, 2]), 0.0) is None  # saw every class
 
 
-def _head_after_training(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _train_head(
+    alpha: float, optimizer: str = "sgd", lr: float = 0.1, wd: float = 0.0, steps: int = 4
+) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(head weight before, model after) ``steps`` local steps of a node holding classes 0, 1."""
     cfg = ExperimentConfig(depth=1, img_size=16)
     model, _ = apply_finetune(create_model(cfg, 6), cfg)
     before = model.head.weight.detach().clone()
     x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 2, (64,))  # holds classes 0 and 1 only
-    # SGD without weight decay: a row that gets no gradient does not move at all.
-    opt = make_optimizer(model, "sgd", 0.1, 0.0)
+    opt = make_optimizer(model, optimizer, lr, wd)
     scale = restricted_softmax_scale(6, torch.tensor([0, 1]), alpha)
     gen = torch.Generator().manual_seed(0)
-    train_epochs(model, x, y, opt, 1, 16, gen, torch.device("cpu"), steps=4, logit_scale=scale)
+    train_epochs(model, x, y, opt, 1, 16, gen, torch.device("cpu"), steps=steps, logit_scale=scale)
+    return before, model
+
+
+def _head_after_training(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # SGD without weight decay: a row that gets no gradient does not move at all.
+    before, model = _train_head(alpha)
     moved = (model.head.weight.detach() - before).abs().amax(dim=1)
     bias_moved = model.head.bias.detach().abs()  # timm zero-initialises the head's bias
     return moved, bias_moved
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_alpha_zero_without_weight_decay_leaves_missing_rows_bit_identical(optimizer):
+    before, model = _train_head(0.0, optimizer, lr=1e-2, wd=0.0)
+    after = model.head.weight.detach()
+    assert torch.equal(after[2:], before[2:])
+    assert not torch.equal(after[:2], before[:2])
+
+
+def test_alpha_zero_with_adamw_decay_shrinks_missing_rows_by_one_minus_lr_wd_per_step():
+    # AdamW decays decoupled from the gradient: p <- p * (1 - lr * wd), then the Adam step,
+    # which is exactly 0 for a row whose moments stayed 0 (0 / (0 + eps)).
+    lr, wd, steps = 1e-2, 0.5, 4
+    before, model = _train_head(0.0, "adamw", lr=lr, wd=wd, steps=steps)
+    expected = before[2:].clone()
+    for _ in range(steps):
+        expected.mul_(1 - lr * wd)
+    assert torch.equal(model.head.weight.detach()[2:], expected)
+    assert not torch.equal(expected, before[2:])
 
 
 def test_alpha_zero_leaves_missing_class_rows_to_mixing_alone():

@@ -137,7 +137,7 @@ def test_resume_without_a_checkpoint_is_refused_clearly(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     cfg = ExperimentConfig.from_run_config({"out-dir": str(tmp_path), "resume": True,
                                             "num-nodes": 3, "depth": 1})  # fmt: skip
-    with pytest.raises(ConfigError, match="checkpoint-every > 0"):
+    with pytest.raises(ConfigError, match="no config.json, so it is not a run"):
         run_experiment(cfg)
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"  # nothing touched
     with pytest.raises(ConfigError, match="resume=True"):
