@@ -76,11 +76,14 @@ def network_bytes_key(run: Run) -> str:
     return "bytes_sent"
 
 
-def network_bytes_per_node(summary: dict[str, Any]) -> float:
-    """Mean bytes per node on the network over a whole run, from its summary.json (see above)."""
+def network_bytes_per_node(summary: dict[str, Any], strategy: str | None = None) -> float:
+    """Mean bytes per node on the network over a whole run, from its summary.json (see above).
+
+    ``strategy`` defaults to the one summary.json names.
+    """
     if "network_bytes_per_node" in summary:
         return float(summary["network_bytes_per_node"])
-    if summary.get("strategy") == "fedavg":
+    if (strategy or summary.get("strategy")) == "fedavg":
         raise _older_fedavg("summary.json")
     return float(summary["mean_bytes_sent_per_node"])
 

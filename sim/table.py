@@ -22,7 +22,8 @@ def write_table(folder: Path, by: tuple[str, ...]) -> str:
     rows = [
         [*(str(r.config[k]) for k in by),
          f"{100 * r.summary['accuracy_mean']:.2f}", f"{100 * r.summary['accuracy_min']:.2f}",
-         f"{network_bytes_per_node(r.summary) / 1e6:.1f}", f"{r.summary['wall_s']:.0f}"]
+         f"{network_bytes_per_node(r.summary, r.config['strategy']) / 1e6:.1f}",
+         f"{r.summary['wall_s']:.0f}"]
         for r in runs
     ]  # fmt: skip
     return write_md_and_csv(folder, "table", header, rows)

@@ -24,8 +24,9 @@ def write_run(
     metrics = []
     for t, row in enumerate(accs):
         for n, acc in enumerate(row):
+            sent = int(t * mb_per_round * 1e6) if sends else 0
             m = {"round": t, "node": n, "accuracy": acc, "loss": 1.0, "train_loss": 1.0,
-                 "bytes_sent": int(t * mb_per_round * 1e6) if sends else 0}  # fmt: skip
+                 "bytes_sent": sent, "bytes_received": sent, "network_bytes": sent}  # fmt: skip
             if unseen is not None:
                 m["unseen_accuracy"] = unseen[t][n]
             metrics.append(m)
@@ -46,6 +47,7 @@ def write_run(
             "accuracy_min": min(final),
             "accuracy_max": max(final),
             "mean_bytes_sent_per_node": (len(accs) - 1) * mb_per_round * 1e6 if sends else 0.0,
+            "network_bytes_per_node": (len(accs) - 1) * mb_per_round * 1e6 if sends else 0.0,
             "wall_s": 1.0,
         }
         if unseen is not None:

@@ -1,5 +1,7 @@
 """`python -m sim table`: rows from saved runs, and the accuracy-vs-MB plot."""
 
+import pytest
+
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.results import write_json, write_jsonl
 from sim.cli import main
@@ -43,3 +45,22 @@ def test_accuracy_vs_mb_pairs_each_round_with_bytes_so_far():
     band = seed_band([node_curve(Run(dir=None, config={}, metrics=metrics))])
     assert list(band.mb) == [0.0, 2.0, 4.0]
     assert [round(a, 6) for a in band.mean] == [5.0, 15.0, 25.0]
+
+
+def test_runs_recorded_before_network_bytes_are_read_as_they_were_or_refused(tmp_path):
+    # Older runs counted only what nodes sent: right for peer-to-peer strategies (no server),
+    # half the real cost for fedavg (its server's broadcast was not counted): refused.
+    _fake_run(tmp_path / "a", "dsgd", "full", [[0.1, 0.1], [0.5, 0.7]], 4.0)
+    assert "| dsgd | full | 60.00 | 50.00 | 4.0 | 12 |" in write_table(
+        tmp_path, ("strategy", "finetune")
+    )
+    _fake_run(tmp_path / "b", "fedavg", "full", [[0.1, 0.1], [0.5, 0.7]], 4.0)
+    with pytest.raises(ValueError, match="half the real cost"):
+        write_table(tmp_path, ("strategy", "finetune"))
+    run = Run(
+        dir=tmp_path / "b",
+        config={"strategy": "fedavg"},
+        metrics=[{"round": 0, "node": 0, "accuracy": 0.1, "bytes_sent": 0}],
+    )
+    with pytest.raises(ValueError, match="run it again"):
+        node_curve(run)
