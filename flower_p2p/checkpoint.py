@@ -98,11 +98,20 @@ def read_node_state(path: Path) -> tuple[Arrays | None, Arrays | None, Arrays | 
     return groups[0], groups[1], groups[2]
 
 
-def write_relay_state(folder: Path, state: dict, last_out: dict[int, Arrays]) -> None:
-    """The relay's own state and the messages it still has to deliver."""
-    write_npz(
-        folder / "relay-out.npz", {f"{j}/{k}": v for j, m in last_out.items() for k, v in m.items()}
-    )
+def write_relay_state(folder: Path, state: dict, last_out: dict[int, dict]) -> None:
+    """The relay's own state and the messages it still has to deliver.
+
+    ``last_out[j]`` is j's message (arrays), or ``{receiver: arrays}`` when j sent each receiver
+    its own (stored as ``<j>><receiver>/<name>``).
+    """
+    flat = {}
+    for j, message in last_out.items():
+        for key, value in message.items():
+            if isinstance(key, int):
+                flat.update({f"{j}>{key}/{k}": v for k, v in value.items()})
+            else:
+                flat[f"{j}/{key}"] = value
+    write_npz(folder / "relay-out.npz", flat)
     write_json(folder / "relay.json", state)
 
 
@@ -124,7 +133,7 @@ class Checkpoint:
     round: int
     folder: Path
     relay: dict
-    last_out: dict[int, Arrays]
+    last_out: dict[int, dict]
 
 
 def _comparable(run_config: dict) -> dict:
@@ -146,10 +155,14 @@ def load_latest(out: Path, run_config: dict) -> Checkpoint:
         )
     folder = out / CHECKPOINTS / meta["dir"]
     relay = json.loads((folder / "relay.json").read_text())
-    last_out: dict[int, Arrays] = {}
+    last_out: dict[int, dict] = {}
     for key, value in read_npz(folder / "relay-out.npz").items():
         sender, name = key.split("/", 1)
-        last_out.setdefault(int(sender), {})[name] = value
+        if ">" in sender:  # a per-receiver message
+            sender, receiver = sender.split(">")
+            last_out.setdefault(int(sender), {}).setdefault(int(receiver), {})[name] = value
+        else:
+            last_out.setdefault(int(sender), {})[name] = value
     return Checkpoint(round=int(meta["round"]), folder=folder, relay=relay, last_out=last_out)
 
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flower_p2p.checkpoint import node_file, read_node_state, write_node_state
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.gossip_node import identify
 from flower_p2p.node import RoundResult, algorithm_for, mixing_inputs, node_runtime, run_round
 from flower_p2p.results import node_params_path, write_params
-from flower_p2p.wire import MONITOR, from_record, payload_bytes, to_record, unpack_inbox
+from flower_p2p.wire import (
+    MONITOR,
+    from_record,
+    pack_outbox,
+    payload_bytes,
+    to_record,
+    unpack_inbox,
+)
 
 app = ClientApp()
 
@@ -23,16 +31,8 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-@app.query()
-def identify(msg: Message, context: Context) -> Message:
-    """Tell the relay which partition (graph node) this SuperNode is."""
-    info = ConfigRecord(
-        {
-            "partition-id": _partition_id(context),
-            "num-partitions": int(context.node_config["num-partitions"]),
-        }
-    )
-    return Message(RecordDict({"node": info}), reply_to=msg)
+# Tell the relay which partition (graph node) this SuperNode is.
+app.query()(identify)
 
 
 def _step(msg: Message, context: Context, train: bool) -> Message:
@@ -65,10 +65,15 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
     state[STATE_PARAMS] = kept = to_record(result.params)
     state[STATE_ALGO] = to_record(result.state)
     state[STATE_OPTIM] = to_record(result.optimizer)
-    out = to_record(result.message, reuse=(result.params, kept))
-    content = RecordDict(
-        {"out": out, "metrics": _metrics(result, payload_bytes(out) if out else 0)}
-    )
+    if algo.per_receiver_messages:  # one message per receiver: out:<k>
+        outbox = {k: to_record(m) for k, m in result.message.items()}
+        sent = sum(payload_bytes(m) for m in outbox.values())
+        content = RecordDict({"metrics": _metrics(result, sent)})
+        pack_outbox(content, outbox)
+    else:
+        out = to_record(result.message, reuse=(result.params, kept))
+        sent = payload_bytes(out) if out else 0
+        content = RecordDict({"out": out, "metrics": _metrics(result, sent)})
     if result.accuracy is not None:
         # monitoring only (the relay's consensus distance), not traffic between nodes
         content[MONITOR] = to_record(result.combined)

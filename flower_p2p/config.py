@@ -59,6 +59,7 @@ class ExperimentConfig:
     local_steps: int = 2
     restricted_softmax: float = 1.0
     optimizer: str = "adamw"
+    momentum: float = 0.9
     lr: float = 1e-3
     lr_schedule: str = "cosine"
     weight_decay: float = 0.05
@@ -146,6 +147,13 @@ class ExperimentConfig:
         if _looks_like_path(self.topology) and not Path(self.topology).expanduser().is_file():
             raise ConfigError("topology", self.topology, "an existing edge-list file")
         MIXINGS.get(self.mixing)
+        if self.strategy == "relay-sum" and is_schedule(self.topology):
+            raise ConfigError(
+                "topology",
+                self.topology,
+                "a static undirected graph with strategy=relay-sum: it relays over a spanning tree "
+                "of the graph, and a tree must stay the same and carry messages both ways",
+            )
         if self.strategy not in ("centralized", "local"):
             check_schedule(self)
         PARTITIONERS.get(self.partitioner)
@@ -195,6 +203,15 @@ class ExperimentConfig:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", self.momentum, "a momentum coefficient in [0, 1)")
+        if self.strategy == "qg-dsgdm" and self.optimizer != "sgd":
+            raise ConfigError(
+                "optimizer",
+                self.optimizer,
+                "sgd with strategy=qg-dsgdm: its quasi-global momentum replaces the optimizer's "
+                "own (AdamW would add a second momentum and normalise the first)",
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError("lr-schedule", self.lr_schedule, f"one of {', '.join(LR_SCHEDULES)}")
         if not self.lr > 0:

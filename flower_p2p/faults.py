@@ -94,6 +94,14 @@ def deliver(
     return inbox, lost
 
 
+def round_steps(cfg, num_samples: int, fraction: float = 1.0) -> int:  # cfg: ExperimentConfig
+    """How many optimizer steps a node takes this round (``local-epochs`` passes counted out)."""
+    steps = local_steps(cfg, num_samples, fraction)
+    if steps > 0:
+        return steps
+    return cfg.local_epochs * math.ceil(num_samples / cfg.batch_size)
+
+
 def local_steps(cfg, num_samples: int, fraction: float = 1.0) -> int:  # cfg: ExperimentConfig
     """Optimizer steps of one round (0: ``local-epochs`` full passes); stragglers take a fraction.
 
@@ -128,6 +136,8 @@ class FaultLog:
     stragglers: int = 0
     client_errors: int = 0
     failed_nodes: dict[int, int] = field(default_factory=dict)
+    # each failed node's first error (not saved in checkpoints: for messages only)
+    first_errors: dict[int, str] = field(default_factory=dict, compare=False)
 
     def planned(self, plan: FaultPlan) -> None:
         """Count the round's dropouts and stragglers (link drops are counted on delivery)."""
@@ -139,6 +149,7 @@ class FaultLog:
         self.client_errors += 1
         count = self.failed_nodes.get(node, 0) + 1
         self.failed_nodes[node] = count
+        self.first_errors.setdefault(node, reason)
         if count == 1:
             log(
                 WARNING,
@@ -146,6 +157,10 @@ class FaultLog:
                 "failures of this node are only counted in summary.json): %s",
                 node, rnd, reason,
             )  # fmt: skip
+
+    def first_error(self, node: int) -> str:
+        """The first error ``node`` reported (empty if none)."""
+        return self.first_errors.get(node, "")
 
     def to_dict(self) -> dict:
         """The counts for summary.json (JSON keys are strings)."""

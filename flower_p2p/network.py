@@ -72,14 +72,21 @@ class Network:
         return topology_at(self.cfg, rnd).out_neighbours[node]
 
     def deliver(self, rnd: int, last_out: Mapping[int, M]) -> Delivery[M]:
-        """Round ``rnd``'s inbox of each node taking part, from round ``rnd - 1``'s messages."""
+        """Round ``rnd``'s inbox of each node taking part, from round ``rnd - 1``'s messages.
+
+        ``last_out[j]`` is j's message, or for a ``per_receiver_messages`` algorithm
+        ``{receiver: message}``.
+        """
         plan = fault_plan(self.cfg, rnd)
         inboxes: dict[int, dict[int, M]] = {}
         lost = 0
         for p in self.nodes:
             if p in plan.dropped:
                 continue
-            inboxes[p], n_lost = deliver(plan, p, self.senders(p, rnd - 1), last_out)
+            sent = last_out
+            if self.algo.per_receiver_messages:  # last_out[j]: {receiver: message}
+                sent = {j: m[p] for j, m in last_out.items() if p in m}  # type: ignore[index]
+            inboxes[p], n_lost = deliver(plan, p, self.senders(p, rnd - 1), sent)
             lost += n_lost
         return Delivery(plan=plan, inboxes=inboxes, lost=lost)
 

@@ -18,7 +18,7 @@ import torch
 from flower_p2p import prefix_cache
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import DataBundle, data_key, load_data, make_transform, to_tensors
-from flower_p2p.faults import check_injected_failure, local_steps
+from flower_p2p.faults import check_injected_failure, local_steps, round_steps
 from flower_p2p.models import (
     apply_finetune,
     create_model,
@@ -27,7 +27,7 @@ from flower_p2p.models import (
     set_params,
     shared_names,
 )
-from flower_p2p.network import CENTRALIZED_NODE
+from flower_p2p.network import CENTRALIZED_NODE, Network
 from flower_p2p.schedules import topology_at
 from flower_p2p.training import (
     evaluate,
@@ -88,7 +88,9 @@ class NodeRuntime:
         Its state (e.g. AdamW moments) stays on the node between rounds and is never sent.
         """
         cfg = self.cfg
-        opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        # QG-DSGDm's quasi-global buffer replaces SGD's own momentum
+        momentum = 0.0 if cfg.strategy == "qg-dsgdm" else cfg.momentum
+        opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum)
         if saved:
             load_optimizer_state(opt, saved)
         for group in opt.param_groups:
@@ -221,6 +223,10 @@ def run_round(
     kwargs = dict(combine_kwargs or {})
     if algo.needs_num_examples:
         kwargs["num_examples"] = len(rt.train_y)
+    if algo.needs_step_size:  # the sum of the learning rates of the steps about to be taken
+        steps = round_steps(rt.cfg, len(rt.train_y), steps_fraction) if train else 0
+        kwargs["step_size"] = steps * lr_at_round(rt.cfg.lr, rt.cfg.lr_schedule, rnd,
+                                                  rt.cfg.num_rounds)  # fmt: skip
     shared = algo.combine(shared, state, inbox, weights, rt.node, **kwargs)
     params = {**params, **shared}
     set_params(rt.model, params)
@@ -241,13 +247,30 @@ def run_round(
     steps = local_steps(cfg, len(rt.train_y), steps_fraction)
     result.train_loss = train_epochs(
         rt.net, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
-        steps=steps, logit_scale=rt.logit_scale,
+        steps=steps, logit_scale=rt.logit_scale, correction=_correction(rt, algo, state),
     )  # fmt: skip
     result.train_s = time.perf_counter() - t0
     result.params = get_params(rt.model, rt.trainable)
     result.optimizer = optimizer_state(opt)
-    result.message = algo.message({k: result.params[k] for k in rt.shared}, state)
+    trained = {k: result.params[k] for k in rt.shared}
+    if algo.per_receiver_messages:  # one message per receiver (RelaySum)
+        receivers = Network(cfg, algo).receivers(rt.node, rnd)
+        result.message = algo.message(trained, state, receivers)
+    else:
+        result.message = algo.message(trained, state)
     return result
+
+
+def _correction(
+    rt: NodeRuntime, algo: GossipAlgorithm, state: State
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The algorithm's per-step correction, as (model parameter, tensor) pairs on the device."""
+    corr = algo.local_correction(state)
+    if not corr:
+        return None
+    params = dict(rt.model.named_parameters())
+    return [(params[k], torch.from_numpy(np.ascontiguousarray(v)).to(rt.device))
+            for k, v in corr.items()]  # fmt: skip
 
 
 def algorithm_for(cfg: ExperimentConfig) -> GossipAlgorithm:
@@ -260,4 +283,8 @@ def algorithm_for(cfg: ExperimentConfig) -> GossipAlgorithm:
     if cfg.strategy == "choco":
         return Choco(gamma=cfg.gamma, compressor=cfg.compressor,
                      compress_fraction=cfg.compress_fraction, seed=cfg.seed)  # fmt: skip
+    if cfg.strategy == "relay-sum":
+        return create_strategy("relay-sum", num_nodes=cfg.num_nodes)
+    if cfg.strategy == "qg-dsgdm":
+        return create_strategy("qg-dsgdm", momentum=cfg.momentum)
     return create_strategy("local" if cfg.strategy == "centralized" else cfg.strategy)

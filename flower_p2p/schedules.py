@@ -23,7 +23,15 @@ import networkx as nx
 import numpy as np
 
 from flower_p2p.registry import ConfigError
-from flower_p2p.topology import GRAPHS, MIXINGS, Topology, topology_for
+from flower_p2p.topology import (
+    GRAPHS,
+    MIXINGS,
+    GraphParams,
+    Topology,
+    build_topology,
+    graph_params,
+    topology_for,
+)
 
 SCHEDULES = ("directed-exponential", "one-peer-exponential", "random-matching")
 
@@ -79,11 +87,33 @@ def topology_at(cfg, rnd: int) -> Topology:  # cfg: ExperimentConfig
     """The graph that messages sent in round ``rnd`` travel over (static topologies: always one)."""
     if cfg.strategy == "fedavg":  # the server-average reference: everyone hears everyone
         return _complete(cfg.num_nodes)
+    if cfg.strategy == "relay-sum":  # RelaySum relays over a spanning tree of the graph
+        return _relay_tree(cfg.topology, cfg.mixing, cfg.num_nodes, cfg.seed, graph_params(cfg))
     if not is_schedule(cfg.topology):
         return topology_for(cfg)
     # random-matching changes every round; the exponential ones repeat with period K
     key = rnd if cfg.topology == "random-matching" else rnd % len(_hops(cfg.num_nodes))
     return _scheduled(cfg.topology, cfg.mixing, cfg.num_nodes, cfg.seed, key)
+
+
+def spanning_tree(g: nx.Graph) -> nx.Graph:
+    """A breadth-first spanning tree of ``g`` from its centre: the shallowest one.
+
+    RelaySum reaches every node in as many rounds as the tree's diameter, at most twice its
+    height; a ring's spanning trees are all paths (diameter n - 1).
+    """
+    tree = nx.Graph(nx.bfs_tree(g, min(nx.center(g))))
+    tree.add_nodes_from(g.nodes)
+    return tree
+
+
+@functools.lru_cache(maxsize=8)
+def _relay_tree(spec: str, mixing: str, n: int, seed: int, params: GraphParams) -> Topology:
+    graph = build_topology(spec, mixing, n, seed, params).graph
+    tree = spanning_tree(graph)
+    # RelaySum uses no weights; Metropolis-Hastings on the tree only keeps Topology valid
+    return Topology(graph=tree, weights=MIXINGS.get("metropolis-hastings")(tree),
+                    name=f"{spec} (spanning tree)", mixing="none")  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)

@@ -301,15 +301,14 @@ def build_topology(
     return Topology(graph=g, weights=w, name=spec, mixing=mixing)
 
 
+def graph_params(cfg) -> GraphParams:  # cfg: ExperimentConfig
+    """The random graph families' parameters of a run config."""
+    return GraphParams(cfg.edge_prob, cfg.degree, cfg.small_world_k, cfg.small_world_p)
+
+
 def topology_for(cfg) -> Topology:  # cfg: ExperimentConfig (not imported: config imports us)
     """The run's static topology, built once per process from the run config."""
-    return _topology_cached(
-        cfg.topology,
-        cfg.mixing,
-        cfg.num_nodes,
-        cfg.seed,
-        GraphParams(cfg.edge_prob, cfg.degree, cfg.small_world_k, cfg.small_world_p),
-    )
+    return _topology_cached(cfg.topology, cfg.mixing, cfg.num_nodes, cfg.seed, graph_params(cfg))
 
 
 @functools.lru_cache(maxsize=16)

@@ -22,13 +22,13 @@ def lr_at_round(lr: float, schedule: str, rnd: int, num_rounds: int) -> float:
 
 
 def make_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float
+    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum 0.9) over the trainable parameters only."""
+    """AdamW or SGD (heavy-ball ``momentum``) over the trainable parameters only."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
@@ -87,11 +87,14 @@ def train_epochs(
     device: torch.device,
     steps: int = 0,
     logit_scale: torch.Tensor | None = None,
+    correction: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
     """Minibatch training for ``epochs`` passes (or ``steps`` batches); returns the mean loss.
 
     ``logit_scale`` (one factor per class) multiplies the logits before the cross-entropy:
-    ``restricted_softmax_scale`` builds it for a node that lacks some classes.
+    ``restricted_softmax_scale`` builds it for a node that lacks some classes. ``correction``
+    pairs (parameter, u): after every optimizer step, parameter <- parameter - lr * u (a gossip
+    algorithm's ``local_correction``: K-GT's tracker, QG-DSGDm's momentum).
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -104,6 +107,11 @@ def train_epochs(
         loss = loss_fn(logits if scale is None else logits * scale, y)
         loss.backward()
         optimizer.step()
+        if correction:
+            with torch.no_grad():
+                lr = optimizer.param_groups[0]["lr"]
+                for param, u in correction:
+                    param.sub_(u, alpha=lr)
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)

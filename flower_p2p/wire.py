@@ -5,6 +5,8 @@ Server -> node ``train``/``evaluate`` message content:
   ``in:<j>``      ArrayRecord: the message neighbour j sent last round (one per arrived neighbour)
 Node -> server reply content:
   ``out``         ArrayRecord: what this node sends to its neighbours (empty: nothing to send)
+  ``out:<k>``     ArrayRecord, instead of ``out`` for an algorithm that sends each receiver its own
+                  message (RelaySum): the message for node k
   ``metrics``     MetricRecord: accuracy/loss (when evaluated), train_loss, payload_bytes, timings
   ``monitor``     ArrayRecord, only when the node evaluated: the shared parameters of the model it
                   evaluated, for the relay's consensus distance (monitoring, not traffic; never
@@ -19,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 INBOX_PREFIX = "in:"
+OUTBOX_PREFIX = "out:"
 MONITOR = "monitor"
 
 
@@ -62,4 +65,19 @@ def unpack_inbox(content: RecordDict) -> dict[int, dict[str, np.ndarray]]:
         int(key[len(INBOX_PREFIX) :]): from_record(record)
         for key, record in content.array_records.items()
         if key.startswith(INBOX_PREFIX)
+    }
+
+
+def pack_outbox(content: RecordDict, outbox: dict[int, ArrayRecord]) -> None:
+    """Per-receiver messages into a reply's content, keyed by receiver id."""
+    for receiver, record in sorted(outbox.items()):
+        content[f"{OUTBOX_PREFIX}{receiver}"] = record
+
+
+def unpack_outbox(content: RecordDict) -> dict[int, ArrayRecord]:
+    """Per-receiver messages from a reply's content, keyed by receiver id."""
+    return {
+        int(key[len(OUTBOX_PREFIX) :]): record
+        for key, record in content.array_records.items()
+        if key.startswith(OUTBOX_PREFIX)
     }

@@ -101,18 +101,54 @@ def backend_config(cfg: ExperimentConfig) -> dict:
     return {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init_args}
 
 
-def _write_app(app_dir: Path, cfg: ExperimentConfig) -> None:
+def run_app(
+    run_config: dict,
+    supernodes: int,
+    server_app: str = SERVER_APP,
+    client_app: str = CLIENT_APP,
+    backend: dict | None = None,
+    verbose: bool = False,
+) -> None:
+    """Run a Flower app (``module:attribute`` of its ServerApp and ClientApp) in this process.
+
+    Every ClientApp and the ServerApp see ``run_config`` as ``flwr run --run-config`` would give
+    it. The project's experiment uses it through ``run_experiment``; tests run other apps (one
+    that adopts ``GossipStrategy`` with its own model) the same way.
+    """
+    from flwr.app import Context, RecordDict
+
+    run_simulation, exit_event = simulation_runtime()
+    with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
+        _write_app(Path(app_dir), run_config, server_app, client_app)
+        run_simulation(
+            num_supernodes=supernodes,
+            exit_event=exit_event,
+            server_app_attr=server_app,
+            client_app_attr=client_app,
+            backend_name="ray",
+            backend_config=backend
+            or {
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"logging_level": "ERROR"},
+            },  # fmt: skip
+            app_dir=app_dir,
+            is_app=True,
+            verbose_logging=verbose,
+            server_app_context=Context(
+                run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+            ),  # fmt: skip
+        )
+
+
+def _write_app(app_dir: Path, run_config: dict, server_app: str, client_app: str) -> None:
     project = {
         "project": {"name": "flower-p2p-sim", "version": "0.1.0", "dependencies": []},
         "tool": {
             "flwr": {
                 "app": {
                     "publisher": "flower-p2p",
-                    "components": {
-                        "serverapp": SERVER_APP,
-                        "clientapp": CLIENT_APP,
-                    },
-                    "config": cfg.to_run_config(),
+                    "components": {"serverapp": server_app, "clientapp": client_app},
+                    "config": run_config,
                 }
             }
         },
@@ -127,34 +163,14 @@ def run_experiment(
 
     ``server_app`` is the ServerApp's ``module:attribute`` (tests wrap the relay to watch it).
     """
-    from flwr.app import Context, RecordDict
-
-    run_simulation, exit_event = simulation_runtime()  # before the folder, the data and Ray
+    simulation_runtime()  # a changed private Flower API: refused before the folder, data, Ray
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
     cfg = cfg.replace(out_dir=str(out))
     preflight(cfg)  # fail fast, before Ray starts
     # refuse a bad out-dir or resume before Ray starts; the ServerApp deletes old results
     open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite, check_only=True)
-    with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
-        _write_app(Path(app_dir), cfg)
-        run_simulation(
-            num_supernodes=num_supernodes(cfg),
-            exit_event=exit_event,
-            server_app_attr=server_app,
-            client_app_attr=CLIENT_APP,
-            backend_name="ray",
-            backend_config=backend_config(cfg),
-            app_dir=app_dir,
-            is_app=True,
-            verbose_logging=verbose,
-            server_app_context=Context(
-                run_id=0,
-                node_id=0,
-                node_config={},
-                state=RecordDict(),
-                run_config=cfg.to_run_config(),
-            ),
-        )
+    run_app(cfg.to_run_config(), num_supernodes(cfg), server_app, CLIENT_APP,
+            backend_config(cfg), verbose)  # fmt: skip
     if not (out / "summary.json").exists():
         raise RuntimeError(f"the simulation ended without writing {out / 'summary.json'}")
     return out

@@ -9,8 +9,11 @@ from strategies.compression import COMPRESSORS, Compressor, create_compressor
 from strategies.dsgd import DSGD
 from strategies.fedavg import FedAvg
 from strategies.gradient_tracking import GradientTracking
+from strategies.k_gt import KGT
 from strategies.local import LocalOnly
 from strategies.push_sum import PushSum
+from strategies.qg_dsgdm import QGDSGDm
+from strategies.relay_sum import RelaySum
 
 STRATEGIES: Registry = Registry("strategy")
 STRATEGIES.register("dsgd")(DSGD)
@@ -18,6 +21,9 @@ STRATEGIES.register("local")(LocalOnly)
 STRATEGIES.register("choco")(Choco)
 STRATEGIES.register("gradient-tracking")(GradientTracking)
 STRATEGIES.register("push-sum")(PushSum)
+STRATEGIES.register("relay-sum")(RelaySum)
+STRATEGIES.register("k-gt")(KGT)
+STRATEGIES.register("qg-dsgdm")(QGDSGDm)
 # Not peer-to-peer: the server-average reference, computed at each node over all nodes.
 STRATEGIES.register("fedavg")(FedAvg)
 
@@ -30,9 +36,9 @@ def strategy_names() -> list[str]:
     return [*STRATEGIES.names(), *REFERENCES]
 
 
-def create_strategy(name: str) -> GossipAlgorithm:
-    """Instantiate the gossip algorithm registered as ``name``."""
-    return STRATEGIES.get(name)()
+def create_strategy(name: str, **kwargs: object) -> GossipAlgorithm:
+    """Instantiate the gossip algorithm registered as ``name`` (``kwargs``: its parameters)."""
+    return STRATEGIES.get(name)(**kwargs)
 
 
 __all__ = [
@@ -43,8 +49,11 @@ __all__ = [
     "FedAvg",
     "GossipAlgorithm",
     "GradientTracking",
+    "KGT",
     "LocalOnly",
     "PushSum",
+    "QGDSGDm",
+    "RelaySum",
     "create_compressor",
     "Params",
     "State",

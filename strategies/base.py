@@ -35,6 +35,12 @@ class GossipAlgorithm(ABC):
     # that neighbour sends (CHOCO): every node it will ever mix with must get every message, so
     # the network delivers to the union of the schedule's graphs, not only this round's.
     keeps_neighbour_copies: bool = False
+    # True when combine() takes ``step_size``: the sum of the learning rates of the local steps the
+    # node is about to take this round (K * eta), for algorithms that normalise updates by it.
+    needs_step_size: bool = False
+    # True when a node sends each receiver its own message (RelaySum): ``message`` then takes the
+    # receivers and returns {receiver: message}.
+    per_receiver_messages: bool = False
     # False when a lost message breaks the algorithm for good (CHOCO's copies): the config then
     # refuses the faults that lose messages instead of letting the run compute garbage.
     tolerates_lost_messages: bool = True
@@ -62,9 +68,21 @@ class GossipAlgorithm(ABC):
         ``state`` may be updated in place.
         """
 
+    def local_correction(self, state: State) -> Params | None:
+        """A correction u applied after every local optimizer step: p <- p - lr * u (None: none).
+
+        K-GT's tracker and QG-DSGDm's quasi-global momentum are such terms; with plain SGD it is
+        the same as adding u to every gradient.
+        """
+        return None
+
     @abstractmethod
     def message(self, params: Params, state: State) -> Params:
-        """What the node sends to every neighbour after local training."""
+        """What the node sends to every neighbour after local training.
+
+        A ``per_receiver_messages`` algorithm takes ``receivers`` (the node's out-neighbours this
+        round) as a third argument and returns ``{receiver: message}``.
+        """
 
 
 def weighted_sum(terms: list[tuple[float, Params]]) -> Params:

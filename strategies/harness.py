@@ -8,7 +8,8 @@ every round: ``schedule(t)`` is the mixing matrix of the messages sent in round 
    holds what was delivered to i from round t - 1 (nothing in round 0);
 2. ``params_i = local_step(i, params_i, t)``: local training;
 3. ``msg_i = algo.message(params_i, state_i)``, delivered for round t + 1 to every j with
-   ``W_t[j, i] != 0``; an algorithm that keeps copies of its neighbours' public state
+   ``W_t[j, i] != 0`` (``per_receiver_messages``: one message per receiver, RelaySum's); an
+   algorithm that keeps copies of its neighbours' public state
    (``keeps_neighbour_copies``: CHOCO) needs every increment of every node it will ever mix
    with, so its messages go to the union of the schedule's graphs (``reach``).
 
@@ -27,8 +28,12 @@ import numpy as np
 
 from strategies.base import GossipAlgorithm, Params
 
-LocalStep = Callable[[int, Params, int], Params]
-"""(node, params, round) -> trained params; must return new arrays, not update in place."""
+LocalStep = Callable[..., Params]
+"""(node, params, round[, correction]) -> trained params; new arrays, not updated in place.
+
+``correction`` (only passed when the algorithm has one) is the algorithm's ``local_correction``:
+after every local step, params <- params - lr * correction.
+"""
 
 Schedule = Callable[[int], np.ndarray]
 """Round t -> the mixing matrix of the messages sent in round t (t = -1: before the first)."""
@@ -69,6 +74,7 @@ def run_gossip(
     lost: Callable[[int, int, int], bool] | None = None,
     on_round: Callable[[int, list[Params]], None] | None = None,
     reach: np.ndarray | None = None,
+    step_size: Callable[[int], float] | None = None,
 ) -> list[Params]:
     """Run ``rounds`` gossip rounds on all nodes; the combined parameters after the last round.
 
@@ -77,8 +83,11 @@ def run_gossip(
     combine (e.g. fedavg's ``num_examples``). ``lost(t, j, i)`` drops the message j sent to i in
     round t. ``on_round(t, combined)`` sees the combined parameters of every node before round
     t's training. ``reach`` (default: the union of the schedule's graphs over the run) is where
-    a ``keeps_neighbour_copies`` algorithm's messages go.
+    a ``keeps_neighbour_copies`` algorithm's messages go. ``step_size(t)`` is the sum of the
+    learning rates of round t's local steps, for a ``needs_step_size`` algorithm.
     """
+    if algo.needs_step_size and step_size is None:
+        raise ValueError(f"{algo.name} needs step_size: the sum of each round's learning rates")
     schedule = as_schedule(mixing)
     n = schedule(-1).shape[0]
     starts = [x0] * n if isinstance(x0, Mapping) else list(x0)
@@ -94,20 +103,32 @@ def run_gossip(
             kwargs = dict(extra[i])
             if algo.needs_out_degree:
                 kwargs["out_degree"] = int(np.count_nonzero(now[:, i])) - int(now[i, i] != 0)
+            if algo.needs_step_size:
+                kwargs["step_size"] = step_size(t)
             params[i] = algo.combine(params[i], states[i], inboxes[i], _row(previous, i), i,
                                      **kwargs)  # fmt: skip
         if on_round is not None:
             on_round(t, params)
         if t == rounds:
             break
+        hears = reach if algo.keeps_neighbour_copies else now != 0
         sent = []
         for i in range(n):
-            params[i] = local_step(i, params[i], t)
-            sent.append(algo.message(params[i], states[i]) if algo.communicates else {})
-        hears = reach if algo.keeps_neighbour_copies else now != 0
+            correction = algo.local_correction(states[i])
+            if correction is None:
+                params[i] = local_step(i, params[i], t)
+            else:
+                params[i] = local_step(i, params[i], t, correction=correction)
+            if not algo.communicates:
+                sent.append({})
+            elif algo.per_receiver_messages:
+                receivers = tuple(k for k in range(n) if k != i and hears[k, i])
+                sent.append(algo.message(params[i], states[i], receivers))
+            else:
+                sent.append(dict.fromkeys(range(n), algo.message(params[i], states[i])))
         inboxes = [
             {
-                j: sent[j]
+                j: sent[j][i]
                 for j in range(n)
                 if j != i
                 and hears[i, j]

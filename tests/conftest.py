@@ -21,3 +21,11 @@ def tiny_sim_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-sim")
     cfg = ExperimentConfig.from_run_config({**TINY_RUN, "out-dir": str(out)})
     return run_experiment(cfg), dict(TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def small_runs(tmp_path_factory):
+    """``small_runs(name)``: the results folder of a small_runs.CASES run, run once a session."""
+    from small_runs import SmallRuns
+
+    return SmallRuns(tmp_path_factory.mktemp("small-runs"))

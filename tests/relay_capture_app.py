@@ -4,7 +4,7 @@ For tests: ``sim.engine.run_experiment(cfg, server_app="relay_capture_app:app")`
 project's own ``server_app.run_experiment`` unchanged; the wrapper only watches. It writes
 ``relay_log.json`` into the run's folder: for every train/evaluate message the round, the
 receiving partition and, per ``in:<j>`` record, a hash of its arrays; for every reply the hash
-of the ``out`` record its node sent.
+of the ``out`` record its node sent (or of each ``out:<k>``, with its receiver k).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.server_app import run_experiment
-from flower_p2p.wire import INBOX_PREFIX
+from flower_p2p.wire import INBOX_PREFIX, OUTBOX_PREFIX
 
 app = ServerApp()
 
@@ -54,12 +54,15 @@ class RecordingGrid:
             if "node" in reply.content.config_records:
                 pid = int(reply.content.config_records["node"]["partition-id"])
                 self.partition_of[src] = pid
-            if "out" in reply.content.array_records and len(reply.content.array_records["out"]):
-                self.replies.append({
-                    "round": int(reply.metadata.group_id),
-                    "node": self.partition_of[src],
-                    "out": record_hash(reply.content.array_records["out"]),
-                })  # fmt: skip
+            rnd = int(reply.metadata.group_id) if reply.metadata.group_id else 0
+            for key, record in reply.content.array_records.items():
+                if key == "out" and len(record):  # one message for every receiver
+                    self.replies.append({"round": rnd, "node": self.partition_of[src],
+                                         "to": None, "out": record_hash(record)})  # fmt: skip
+                elif key.startswith(OUTBOX_PREFIX):  # a message for one receiver
+                    self.replies.append({"round": rnd, "node": self.partition_of[src],
+                                         "to": int(key[len(OUTBOX_PREFIX):]),
+                                         "out": record_hash(record)})  # fmt: skip
         for msg in messages:
             if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
                 continue

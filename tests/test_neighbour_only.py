@@ -2,10 +2,11 @@
 
 Each run goes through Flower's simulation engine with the project's own relay
 (``server_app.run_experiment``) behind a Grid that records every message (``relay_capture_app``).
-Every ``in:<j>`` record a node receives in round r must be the very message node j sent in round
-r - 1 (same arrays), j must be an in-neighbour of node i on round r - 1's graph (CHOCO: on the
-run's union graph), and the link j -> i must not be lost in round r; every such message that
-exists and is not lost must be there. Dropped nodes get no message at all.
+Every ``in:<j>`` record a node receives in round r must be the very message node j sent in
+round r - 1 (same arrays; RelaySum: the one j addressed to this node), j must be an in-neighbour
+of node i on round r - 1's graph (CHOCO: on the run's union graph; RelaySum: on its spanning
+tree), and the link j -> i must not be lost in round r; every such message that exists and is
+not lost must be there. Dropped nodes get no message at all.
 """
 
 from __future__ import annotations
@@ -14,37 +15,25 @@ import json
 
 import numpy as np
 import pytest
+from small_runs import case_config
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.faults import fault_plan
 from flower_p2p.schedules import reach_topology, topology_at
 from flower_p2p.topology import build_topology
-from sim.engine import run_experiment
 from strategies import create_strategy
 
-# (id, run-config) small runs: static with faults, directed, per-round, CHOCO on a schedule
-RUNS = {
-    "ring-with-faults": dict(num_nodes=5, link_drop=0.3, node_dropout=0.2),
-    "directed-exponential": dict(
-        num_nodes=5, strategy="push-sum", topology="directed-exponential"
-    ),  # fmt: skip
-    "random-matching-with-link-drops": dict(
-        num_nodes=5, topology="random-matching", link_drop=0.25
-    ),  # fmt: skip
-    "choco-one-peer-exponential": dict(
-        num_nodes=4, strategy="choco", compressor="8bit", gamma=1.0, topology="one-peer-exponential"
-    ),  # fmt: skip
-}
-SMALL = dict(num_rounds=4, depth=1, img_size=16, local_steps=1, eval_every=2, seed=3)
+# The small runs (small_runs.CASES) that cover each kind of graph: static, with node and link
+# faults, directed, per-round with link drops, CHOCO's union delivery on a per-round graph, and
+# RelaySum's different message to each neighbour of its spanning tree.
+WATCHED = ["dsgd", "dsgd-faults", "push-sum-directed", "dsgd-random-matching",
+           "choco-one-peer", "relay-sum-unseen"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=list(RUNS), ids=list(RUNS))
-def watched_run(request, tmp_path_factory):
-    cfg = ExperimentConfig(out_dir=str(tmp_path_factory.mktemp(request.param)),
-                           **SMALL, **RUNS[request.param])  # fmt: skip
-    cfg.validate()
-    out = run_experiment(cfg, server_app="relay_capture_app:app")
-    return cfg, json.loads((out / "relay_log.json").read_text())
+@pytest.fixture(params=WATCHED)
+def watched_run(request, small_runs):
+    out = small_runs(request.param)
+    return case_config(request.param), json.loads((out / "relay_log.json").read_text())
 
 
 def _expected_senders(cfg: ExperimentConfig, node: int, rnd: int) -> set[int]:
@@ -55,7 +44,8 @@ def _expected_senders(cfg: ExperimentConfig, node: int, rnd: int) -> set[int]:
 
 def test_every_inbox_holds_exactly_the_neighbours_last_messages(watched_run):
     cfg, log = watched_run
-    sent_by = {(r["round"], r["node"]): r["out"] for r in log["replies"]}
+    sent_by = {(r["round"], r["node"], r["to"]): r["out"] for r in log["replies"]}
+    per_receiver = any(r["to"] is not None for r in log["replies"])
     messages = [m for m in log["sent"] if m["round"] > 1]
     assert messages, "the run relayed nothing"
     delivered = 0
@@ -65,10 +55,13 @@ def test_every_inbox_holds_exactly_the_neighbours_last_messages(watched_run):
         assert i not in plan.dropped, f"dropped node {i} got a message in round {rnd}"
         inbox = {int(j): h for j, h in msg["inbox"].items()}
         allowed = _expected_senders(cfg, i, rnd)
-        expected = {j for j in allowed if (rnd - 1, j) in sent_by and (j, i) not in plan.lost}
+        expected = {j for j in allowed
+                    if (rnd - 1, j, i if per_receiver else None) in sent_by
+                    and (j, i) not in plan.lost}  # fmt: skip
         assert set(inbox) == expected, (rnd, i, sorted(inbox), sorted(expected))
         for j, digest in inbox.items():
-            assert digest == sent_by[(rnd - 1, j)], f"in:{j} at node {i} is not j's message"
+            key = (rnd - 1, j, i if per_receiver else None)  # RelaySum: j's message *for i*
+            assert digest == sent_by[key], f"in:{j} at node {i} is not j's message to it"
         delivered += len(inbox)
         # nothing else travels to a node: its config and its inbox
         assert set(msg["keys"]) == {"config", *(f"in:{j}" for j in inbox)}
@@ -83,11 +76,11 @@ def test_every_node_that_takes_part_gets_a_message(watched_run):
 
 
 def test_the_faulty_runs_did_lose_and_drop_something():
-    # the faulty configs above must exercise the fault paths, or the tests prove nothing
-    cfg = ExperimentConfig(**SMALL, **RUNS["ring-with-faults"])
+    # the faulty configs must exercise the fault paths, or the tests above prove nothing
+    cfg = case_config("dsgd-faults")
     plans = [fault_plan(cfg, r) for r in range(2, cfg.num_rounds + 2)]
     assert any(p.dropped for p in plans) and any(p.lost for p in plans)
-    cfg = ExperimentConfig(**SMALL, **RUNS["random-matching-with-link-drops"])
+    cfg = case_config("dsgd-random-matching")
     lost = [(j, i) for r in range(2, cfg.num_rounds + 2) for j, i in fault_plan(cfg, r).lost
             if j in topology_at(cfg, r - 1).in_neighbours[i]]  # fmt: skip
     assert lost
@@ -95,7 +88,7 @@ def test_the_faulty_runs_did_lose_and_drop_something():
 
 def test_choco_reaches_more_nodes_than_one_round_graph():
     # the point of CHOCO's union delivery: one-peer-exponential has one in-neighbour a round
-    cfg = ExperimentConfig(**SMALL, **RUNS["choco-one-peer-exponential"])
+    cfg = case_config("choco-one-peer")
     assert all(len(topology_at(cfg, 1).in_neighbours[i]) == 1 for i in range(4))
     assert all(len(reach_topology(cfg).in_neighbours[i]) == 2 for i in range(4))
 

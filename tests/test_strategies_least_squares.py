@@ -15,7 +15,16 @@ import pytest
 
 from flower_p2p.registry import ConfigError
 from flower_p2p.topology import build_topology
-from strategies import STRATEGIES, Choco, GradientTracking, LocalOnly, PushSum
+from strategies import (
+    KGT,
+    STRATEGIES,
+    Choco,
+    GradientTracking,
+    LocalOnly,
+    PushSum,
+    QGDSGDm,
+    RelaySum,
+)
 from strategies.base import GossipAlgorithm, Params
 from strategies.compression import (
     EightBit,
@@ -424,3 +433,100 @@ def test_harness_delivers_last_rounds_messages_after_training():
     assert by_node_round[(0, 1)] == {1: 0, 7: 0}
     assert by_node_round[(0, 2)] == {7: 1}  # node 1's round-1 message to node 0 was lost
     assert by_node_round[(3, 3)] == {2: 2, 4: 2}
+
+
+# ---- (f) algorithms for heterogeneous data: K-GT, RelaySum, QG-DSGDm -------------------------
+
+
+def sgd_corrected(lr, local_steps: int = 1) -> LocalStep:
+    """``sgd`` that also applies an algorithm's per-step correction: z <- z - lr * u."""
+
+    def step(node: int, params: Params, rnd: int, correction: Params | None = None) -> Params:
+        z = _flat(params)
+        u = None if correction is None else _flat(correction)
+        for _ in range(local_steps):
+            z = z - lr(rnd) * A[node].T @ (A[node] @ z - B[node]) / ROWS
+            if u is not None:
+                z = z - lr(rnd) * u
+        return _unflat(z)
+
+    return step
+
+
+def test_k_gt_is_exact_with_several_local_steps_where_gradient_tracking_drifts():
+    lr, k = 0.02, 3
+    kw = dict(step_size=lambda t: k * lr)
+    kgt = _solve(KGT(), sgd_corrected(constant(lr), k), 1500, **kw)
+    gt = _solve(GradientTracking(), sgd(constant(lr), k), 1500)
+    dsgd = _solve(DSGD(), sgd(constant(lr), k), 1500)
+    assert kgt < 1e-10  # measured 3e-15
+    assert gt > 1e-3 and dsgd > 0.1  # client drift (measured 0.012) and heterogeneity bias (0.25)
+
+
+def test_k_gt_keeps_the_trackers_summing_to_zero():
+    states = []
+
+    class Spy(KGT):
+        def local_correction(self, state):
+            states.append(state)
+            return super().local_correction(state)
+
+    run_gossip(Spy(), RING, sgd_corrected(constant(0.02), 2), X0, 30,
+               step_size=lambda t: 0.04)  # fmt: skip
+    trackers = [_flat({k: s[f"kgt/c/{k}"] for k in SHAPES}) for s in states[-N_NODES:]]
+    assert np.abs(sum(trackers)).max() < 1e-10  # the corrections move no mass
+    assert max(np.abs(c).max() for c in trackers) > 1e-3  # yet each node is corrected
+
+
+PATH = np.eye(N_NODES) + np.eye(N_NODES, k=1) + np.eye(N_NODES, k=-1)  # a path: a tree
+
+
+def test_relay_sum_gives_every_node_the_exact_average_after_diameter_rounds():
+    # every node contributes a fixed model: RelaySum delivers each, once, to every node
+    rng = np.random.default_rng(11)
+    starts = [_unflat(rng.normal(size=DIM)) for _ in range(N_NODES)]
+    average = np.mean([_flat(p) for p in starts], axis=0)
+
+    def fixed(node: int, params: Params, rnd: int) -> Params:
+        return {k: v.copy() for k, v in starts[node].items()}
+
+    def worst(rounds: int) -> float:
+        out = run_gossip(RelaySum(N_NODES), PATH, fixed, starts, rounds)
+        return max(np.abs(_flat(p) - average).max() for p in out)
+
+    diameter = N_NODES - 1
+    assert worst(diameter) < 1e-12
+    assert worst(diameter - 1) > 1e-2  # the far end's model has not arrived yet
+
+
+def test_relay_sum_reaches_the_optimum_at_a_constant_step_where_dsgd_is_biased():
+    tree_dsgd = (PATH > 0) / 3.0
+    tree_dsgd[0, 0] = tree_dsgd[-1, -1] = 2 / 3  # Metropolis-Hastings on the path
+    relay = _solve(RelaySum(N_NODES), sgd(constant(0.05)), 2000, mixing=PATH)
+    dsgd = _solve(DSGD(), sgd(constant(0.05)), 2000, mixing=tree_dsgd)
+    assert relay < 1e-8  # measured 7e-11
+    assert dsgd > 0.3  # measured 0.60
+
+
+def test_relay_sum_keeps_its_last_message_when_one_is_lost():
+    # a lost message is replaced by the last one on that edge: a delayed sum of whole models,
+    # so the nodes still agree on an average of (older) models and still reach the optimum
+    def lost(t: int, j: int, i: int) -> bool:
+        return np.random.default_rng([t, j, i]).random() < 0.2
+
+    assert _solve(RelaySum(N_NODES), sgd(constant(0.05)), 3000, mixing=PATH, lost=lost) < 1e-6
+
+
+def test_relay_sum_refuses_a_graph_that_is_not_a_tree():
+    with pytest.raises(ValueError, match="not a tree"):
+        run_gossip(RelaySum(N_NODES), RING, _no_training, X0, N_NODES + 2)
+
+
+def test_qg_dsgdm_without_momentum_is_dsgd_and_with_it_reaches_the_optimum():
+    dec = decaying()
+    plain = run_gossip(DSGD(), RING, sgd_corrected(dec), X0, 200)
+    zero = run_gossip(QGDSGDm(momentum=0.0), RING, sgd_corrected(dec), X0, 200, step_size=dec)
+    for p, q in zip(plain, zero, strict=True):
+        np.testing.assert_allclose(_flat(p), _flat(q), rtol=1e-12, atol=1e-12)
+    qg = _solve(QGDSGDm(momentum=0.9), sgd_corrected(dec), 3000, step_size=dec)
+    assert qg < 1.5e-2  # measured 3.3e-3 (DSGD: 3.6e-3)

@@ -9,13 +9,14 @@ config refuses is refused here too, with the key that refuses it.
 
 from __future__ import annotations
 
+import networkx as nx
 import numpy as np
 import pytest
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.registry import ConfigError
 from flower_p2p.schedules import reach_topology, topology_at
-from strategies import DSGD, Choco, FedAvg, GradientTracking, PushSum
+from strategies import DSGD, KGT, Choco, FedAvg, GradientTracking, PushSum, QGDSGDm, RelaySum
 from strategies.base import GossipAlgorithm, Params
 from strategies.harness import run_gossip, union_support
 
@@ -62,6 +63,8 @@ STRATEGIES = [
         Choco(gamma=0.2, compressor="top-k", compress_fraction=0.1),
     ),  # fmt: skip
     ("fedavg", {}, FedAvg()),
+    ("k-gt", {}, KGT()),
+    ("qg-dsgdm", {"optimizer": "sgd"}, QGDSGDm()),
 ]
 
 
@@ -86,7 +89,7 @@ def _schedule(cfg: ExperimentConfig):
     return lambda t: topology_at(cfg, t + 1).weights
 
 
-def _no_training(node: int, params: Params, rnd: int) -> Params:
+def _no_training(node: int, params: Params, rnd: int, correction: Params | None = None) -> Params:
     return params
 
 
@@ -132,7 +135,7 @@ def test_gossip_without_training_reaches_the_exact_average(
     average = {k: np.mean([p[k] for p in starts], axis=0) for k in starts[0]}
     rounds, tol = _budget(algo)
     out = run_gossip(algo, _schedule(cfg), _no_training, starts, rounds,
-                     node_kwargs=_node_kwargs(algo))  # fmt: skip
+                     node_kwargs=_node_kwargs(algo), step_size=lambda t: 1.0)  # fmt: skip
     assert _max_error(out, average) < tol
 
 
@@ -155,23 +158,37 @@ def _least_squares(seed: int = 1):
     return a, b, x_star
 
 
+SCHEDULES_TO_TRACK = ["ring", "star", "directed-exponential", "one-peer-exponential",
+                      "random-matching"]  # fmt: skip
+
+
+@pytest.mark.parametrize("topology", SCHEDULES_TO_TRACK)
 @pytest.mark.parametrize(
-    "topology", ["ring", "star", "directed-exponential", "one-peer-exponential", "random-matching"]
+    ("name", "algo", "local_steps"),
+    [("gradient-tracking", GradientTracking(), 1), ("k-gt", KGT(), 3)],
 )
-def test_gradient_tracking_reaches_the_exact_optimum_on_every_schedule(topology, edge_file):
+def test_tracking_reaches_the_exact_optimum_on_every_schedule(
+    topology, name, algo, local_steps, edge_file
+):
     a, b, x_star = _least_squares()
-    cfg = _config(topology, "metropolis-hastings", "gradient-tracking", {}, edge_file)
+    cfg = _config(topology, "metropolis-hastings", name, {}, edge_file)
+    lr = 0.02
 
-    def step(node: int, params: Params, rnd: int) -> Params:
+    def step(node: int, params: Params, rnd: int, correction: Params | None = None) -> Params:
         x = params["x"]
-        return {"x": x - 0.02 * a[node].T @ (a[node] @ x - b[node]) / ROWS}
+        for _ in range(local_steps):
+            x = x - lr * a[node].T @ (a[node] @ x - b[node]) / ROWS
+            if correction is not None:
+                x = x - lr * correction["x"]
+        return {"x": x}
 
-    out = run_gossip(GradientTracking(), _schedule(cfg), step, {"x": np.zeros(DIM)}, 3000)
-    dsgd = run_gossip(DSGD(), _schedule(cfg), step, {"x": np.zeros(DIM)}, 3000)
-    err = max(np.linalg.norm(p["x"] - x_star) for p in out) / np.linalg.norm(x_star)
-    dsgd_err = max(np.linalg.norm(p["x"] - x_star) for p in dsgd) / np.linalg.norm(x_star)
-    assert err < 1e-8
-    assert dsgd_err > 1e-3  # the control: constant-step DSGD keeps its heterogeneity bias
+    def error(alg) -> float:
+        out = run_gossip(alg, _schedule(cfg), step, {"x": np.zeros(DIM)}, 3000,
+                         step_size=lambda t: local_steps * lr)  # fmt: skip
+        return max(np.linalg.norm(p["x"] - x_star) for p in out) / np.linalg.norm(x_star)
+
+    assert error(algo) < 1e-8
+    assert error(DSGD()) > 1e-3  # the control: constant-step DSGD keeps its heterogeneity bias
 
 
 # ---- CHOCO on schedules: the defect this file was written for -------------------------------
@@ -239,3 +256,38 @@ def test_choco_with_lost_messages_computes_garbage_in_the_reference_loop():
                        starts, 300, lost=lost)  # fmt: skip
     assert spread(dsgd) < 1e-9
     assert spread(choco) > 0.1  # measured 1.5: the nodes never agree
+
+
+STATIC = [t for t, _ in TOPOLOGIES if t not in ("directed-exponential", "one-peer-exponential",
+                                                  "random-matching")]  # fmt: skip
+
+
+@pytest.mark.parametrize("topology", sorted(set(STATIC)))
+def test_relay_sum_averages_exactly_over_the_spanning_tree_of_every_static_graph(
+    topology, edge_file
+):
+    cfg = _config(topology, "metropolis-hastings", "relay-sum", {}, edge_file)
+    tree = topology_at(cfg, 1)
+    assert nx.is_tree(tree.graph)
+    starts = _starts(1)
+    average = {k: np.mean([p[k] for p in starts], axis=0) for k in starts[0]}
+
+    def fixed(node: int, params: Params, rnd: int) -> Params:  # each node's own, every round
+        return {k: v.copy() for k, v in starts[node].items()}
+
+    out = run_gossip(RelaySum(N), _schedule(cfg), fixed, starts, nx.diameter(tree.graph))
+    assert _max_error(out, average) < 1e-12
+
+
+@pytest.mark.parametrize("topology", ["directed-exponential", "one-peer-exponential",
+                                      "random-matching"])  # fmt: skip
+def test_relay_sum_is_refused_on_directed_and_per_round_graphs(topology, edge_file):
+    with pytest.raises(ConfigError, match="spanning tree") as err:
+        _config(topology, "metropolis-hastings", "relay-sum", {}, edge_file)
+    assert err.value.key == "topology"
+
+
+def test_qg_dsgdm_is_refused_with_adamw():
+    with pytest.raises(ConfigError, match="replaces the optimizer") as err:
+        ExperimentConfig(strategy="qg-dsgdm", optimizer="adamw").validate()
+    assert err.value.key == "optimizer"

@@ -180,12 +180,16 @@ def test_refuses_a_folder_that_is_not_a_sweep(tmp_path):
 
 
 def test_real_sweep_through_flower_then_resumes_without_running(tmp_path, capsys):
-    """2 nodes, 1 round, depth-1 ViT, 2 seeds: real runs, then a second call that skips both."""
+    """2 nodes, 1 round, depth-1 ViT: a real run, then a second call that skips it.
+
+    (Several seeds and their mean and std are the fake runner's tests above: one real run is
+    enough to show that the sweep drives Flower and reads back what a run writes.)
+    """
     base = TINY.replace("num-rounds = 2", "num-rounds = 1\neval-every = 1")
-    path = sweep_file(tmp_path, "seeds = [0, 1]\n", base=base)
+    path = sweep_file(tmp_path, "seeds = [0]\n", base=base)
     assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
-    for seed in (0, 1):
+    for seed in (0,):
         run = out / f"seed={seed}"
         summary = json.loads((run / "summary.json").read_text())
         assert summary["num_nodes"] == 2 and summary["accuracy_mean"] > 0
@@ -199,11 +203,10 @@ def test_real_sweep_through_flower_then_resumes_without_running(tmp_path, capsys
         assert not (run / "consensus.png").exists()
         for name in ("convergence", "topology", "labels", "attention"):
             assert (run / f"{name}.png").stat().st_size > 0, name
-    assert (out / "plots" / "convergence-default.png").stat().st_size > 0
-    assert "| 2/2 |" in (out / "sweep.md").read_text()
+    assert "| 1/1 |" in (out / "sweep.md").read_text()  # (seed bands need 2 seeds: none drawn)
     capsys.readouterr()
     before = (out / "seed=0" / "summary.json").read_text()
     assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("finished, skipped") == 2 and "running" not in printed
+    assert printed.count("finished, skipped") == 1 and "running" not in printed
     assert (out / "seed=0" / "summary.json").read_text() == before

@@ -133,29 +133,25 @@ def test_compare_table_shows_unseen_columns_only_when_present(tmp_path):
     assert "unseen" not in (tmp_path / "compare.md").read_text()
 
 
-@pytest.fixture(scope="module")
-def unseen_run(tmp_path_factory):
-    from sim.engine import run_experiment
-
-    out = tmp_path_factory.mktemp("unseen")
-    return run_experiment(ExperimentConfig(out_dir=str(out), overwrite=True, **TINY))
-
-
-def test_flower_run_records_unseen_accuracy_per_round_and_node(unseen_run):
+def test_flower_run_records_unseen_accuracy_per_round_and_node(small_runs):
     import json
+
+    from small_runs import BASE
 
     from flower_p2p.results import read_jsonl
 
-    metrics = read_jsonl(unseen_run / "metrics.jsonl")
+    run = small_runs("relay-sum-unseen")  # 3 classes per node, no class shared with a neighbour
+    metrics = read_jsonl(run / "metrics.jsonl")
+    rounds = BASE["num_rounds"]
     assert sorted((m["round"], m["node"]) for m in metrics) == [
-        (r, n) for r in range(3) for n in range(4)
+        (r, n) for r in range(rounds + 1) for n in range(4)
     ]
-    # every node lacks 7 of the 10 classes: its unseen-class accuracy is always measured
-    assert all(0.0 <= m["unseen_accuracy"] <= 1.0 for m in metrics)
-    final = [m["unseen_accuracy"] for m in metrics if m["round"] == 2]
-    summary = json.loads((unseen_run / "summary.json").read_text())
+    # every node lacks 7 of the 10 classes: its unseen-class accuracy is measured whenever it
+    # evaluates (the engine = plain loop equality is in test_end_to_end.py)
+    evaluated = [m for m in metrics if m["accuracy"] is not None]
+    assert evaluated and all(0.0 <= m["unseen_accuracy"] <= 1.0 for m in evaluated)
+    final = [m["unseen_accuracy"] for m in metrics if m["round"] == rounds]
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["unseen_accuracy_mean"] == pytest.approx(np.mean(final))
     assert summary["unseen_accuracy_min"] == pytest.approx(min(final))
-    # a plain loop with the same config computes the same numbers (same run_round)
-    plain = run_plain(ExperimentConfig(**TINY))
-    assert plain["unseen_accuracy"][2] == pytest.approx(final)
+    assert summary["unseen_accuracy_mean"] > 0.3  # measured 0.53: neighbours' classes learnt
