@@ -50,6 +50,14 @@ CASES = [
     ("range-unseen-cover", {"partitioner": "unseen", "classes-per-node": 1}, "classes-per-node",
      None, "8 nodes x 1 classes cannot cover all 10"),
     ("gossip-one-node", {"num-nodes": 1}, "num-nodes", None, "at least 2 for dsgd"),
+    ("range-momentum", {"momentum": 1.0}, "momentum", None, "a momentum coefficient in [0, 1)"),
+    # combinations that would compute garbage, refused with the reason
+    ("choco-lost-messages", {"strategy": "choco", "link-drop": 0.1}, "link-drop", None,
+     "0 with strategy=choco"),
+    ("relay-sum-per-round", {"strategy": "relay-sum", "topology": "one-peer-exponential"},
+     "topology", None, "a static undirected graph with strategy=relay-sum"),
+    ("qg-dsgdm-adamw", {"strategy": "qg-dsgdm", "optimizer": "adamw"}, "optimizer", None,
+     "sgd with strategy=qg-dsgdm"),
     # unknown names
     ("unknown-key", {"number-of-nodes": 8}, "number-of-nodes", None, "a known key: num-nodes"),
     ("unknown-strategy", {"strategy": "gossip"}, "strategy", None, "one of dsgd, local, choco"),

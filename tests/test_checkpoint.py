@@ -60,6 +60,21 @@ def test_the_manifest_commits_and_older_checkpoints_go(tmp_path):
         load_latest(tmp_path, {**CONFIG, "lr": 0.01})
 
 
+def test_per_receiver_messages_round_trip(tmp_path):
+    # RelaySum sends each receiver its own message: {sender: {receiver: arrays}}
+    msgs = {0: {1: {"x/w": np.arange(3.0), "count": np.array([2.0])},
+                3: {"x/w": np.arange(3.0) + 7, "count": np.array([1.0])}},
+            2: {"x/w": np.ones(2)}}  # fmt: skip
+    folder = round_dir(tmp_path, 4)
+    write_relay_state(folder, {"round": 4}, msgs)
+    commit(tmp_path, 4, CONFIG)
+    got = load_latest(tmp_path, CONFIG).last_out
+    assert sorted(got) == [0, 2] and sorted(got[0]) == [1, 3] and sorted(got[2]) == ["x/w"]
+    for receiver in (1, 3):
+        for name, value in msgs[0][receiver].items():
+            assert np.array_equal(got[0][receiver][name], value)
+
+
 def test_resume_is_refused_without_a_folder_or_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="out-dir="):
         open_out_dir(tmp_path / "none", CONFIG, resume=True, overwrite=False)
