@@ -7,8 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-# One tiny experiment through the simulation engine, shared by the determinism test (which runs
-# it again) and the Deployment Engine test (which runs it on real SuperNodes): kebab-case keys.
+# One tiny experiment through the simulation engine, which the Deployment Engine test runs again
+# on real SuperNodes and must reproduce byte for byte: kebab-case keys.
 TINY_RUN = {"num-nodes": 3, "num-rounds": 2, "depth": 1, "img-size": 16, "eval-every": 1}
 
 

@@ -342,8 +342,10 @@ def test_real_superlink_and_three_supernodes(federation, tmp_path, tiny_sim_run)
     log = fed.run_app({**run_config, "out-dir": str(out)})
     assert "round 2/2" in log  # the relay's progress, streamed back by `flwr run`
     metrics = _assert_metrics(out, nodes=3, rounds=2)
-    # The same app and config in the simulation engine: the same training, number for number.
+    # The same app and config in the simulation engine: the same training, number for number,
+    # byte for byte (same config and seed, same metrics.jsonl, whichever engine runs it).
     assert metrics == read_jsonl(sim_out / "metrics.jsonl")
+    assert (out / "metrics.jsonl").read_bytes() == (sim_out / "metrics.jsonl").read_bytes()
     # Each SuperNode ran its ClientApp for its own partition (one query + 2 train + 1 evaluate).
     for p in range(3):
         assert fed.log(f"supernode{p}").count("Start `flwr-clientapp` process") == 4
