@@ -42,6 +42,7 @@ from flower_p2p.consensus import ConsensusMeter
 from flower_p2p.faults import FaultLog
 from flower_p2p.network import Network, Traffic
 from flower_p2p.node import algorithm_for
+from flower_p2p.progress import Progress
 from flower_p2p.recorder import Recorder
 from flower_p2p.results import FINAL_DIR
 from flower_p2p.wire import (
@@ -139,6 +140,7 @@ class GossipStrategy(Strategy):
         self.pid_of: dict[int, int] = {}
         self.started = time.perf_counter()
         self._round_faults: dict = {}
+        self.progress = Progress(cfg.num_rounds)
         self._meter = ConsensusMeter()
         for p in self.nodes:
             self.rec.update(0, p, **self.traffic.record(p))
@@ -190,7 +192,7 @@ class GossipStrategy(Strategy):
         self.rec.close_round(
             {"round": server_round, "wall_s": self.elapsed(), "faults": self._round_faults}
         )
-        self.rec.flush()
+        self.rec.close_through(server_round - 1)  # evaluated and delivered: final
         metrics = {"train_loss": float(np.mean(train_losses))} if train_losses else {}
         accs = self.rec.round_accuracies(server_round - 1)
         if accs:
@@ -222,7 +224,8 @@ class GossipStrategy(Strategy):
                 continue
             self._record_evaluation(server_round + 1, pid, reply)
         self._finish_evaluation()
-        self.rec.flush()
+        self.rec.complete_pending(None)  # the last round's record, even if nobody evaluated
+        self.rec.close_through(server_round)
         accs = self.rec.round_accuracies(server_round)
         if not accs:
             return None
@@ -292,9 +295,7 @@ class GossipStrategy(Strategy):
             log(WARNING, "checkpoint after round %d skipped: %s", rnd, "; ".join(errors))
             return
         relay_state = {
-            "records": [self.rec.records[k] for k in sorted(self.rec.records)],
-            "network": self.rec.network,
-            "pending": self.rec.pending,
+            "recorder": self.rec.state(),
             "traffic": self.traffic.to_dict(),
             "faults": self.faults.to_dict(),
             "elapsed_s": self.elapsed(),
@@ -308,8 +309,7 @@ class GossipStrategy(Strategy):
         if errors:
             raise RuntimeError(f"could not restore {resumed.folder}: {'; '.join(errors)}")
         state = resumed.relay
-        self.rec.records = {(r["round"], r["node"]): r for r in state["records"]}
-        self.rec.network, self.rec.pending = state["network"], state["pending"]
+        self.rec.restore(state["recorder"])
         self.traffic = Traffic.from_dict(state["traffic"])
         self.faults = FaultLog.from_dict(state["faults"])
         self.last_out = {j: _records(m) for j, m in resumed.last_out.items()}
@@ -403,11 +403,13 @@ class GossipStrategy(Strategy):
             )
 
     def _log_round(self, rnd: int) -> None:
+        """Every round: where the run is, and how long it should still take."""
+        line = self.progress.tick(rnd, self.elapsed())
         accs = self.rec.round_accuracies(rnd - 1)
         if accs:  # evaluation happens every eval-every rounds, on the combined models
-            log(INFO, "round %d/%d  mean node accuracy after round %d: %.1f%% (worst %.1f%%)  "
-                "elapsed %.1fs", rnd, self.cfg.num_rounds, rnd - 1, 100 * np.mean(accs),
-                100 * np.min(accs), self.elapsed())  # fmt: skip
+            line += (f"  mean node accuracy after round {rnd - 1}: {100 * np.mean(accs):.1f}% "
+                     f"(worst {100 * np.min(accs):.1f}%)")  # fmt: skip
+        log(INFO, "%s", line)
 
 
 def _arrays(message: ArrayRecord | dict[int, ArrayRecord]) -> dict:

@@ -106,8 +106,9 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Records of a JSON-lines file; a last line without its newline (a torn append) is not one."""
+    lines = path.read_text().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 def write_params(path: Path, params: dict[str, np.ndarray]) -> None:
