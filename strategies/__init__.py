@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from flower_p2p.registry import Registry
 from strategies.base import GossipAlgorithm, Params, State, weighted_sum
 from strategies.choco import Choco
 from strategies.compression import COMPRESSORS, Compressor, create_compressor
@@ -13,6 +12,7 @@ from strategies.k_gt import KGT
 from strategies.local import LocalOnly
 from strategies.push_sum import PushSum
 from strategies.qg_dsgdm import QGDSGDm
+from strategies.registry import Registry
 from strategies.relay_sum import RelaySum
 
 STRATEGIES: Registry = Registry("strategy")

@@ -93,3 +93,8 @@ def weighted_sum(terms: list[tuple[float, Params]]) -> Params:
         for k in out:
             out[k] += w * params[k]
     return {k: v.astype(first[k].dtype, copy=False) for k, v in out.items()}
+
+
+def prefixed(state: State, prefix: str) -> Params:
+    """The arrays of ``state`` stored under ``prefix``, keyed by the rest of their names."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -33,9 +33,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from flower_p2p.registry import ConfigError
 from strategies.base import GossipAlgorithm, Params, State
 from strategies.compression import Compressor, create_compressor, decode_params, encode_params
+from strategies.registry import ConfigError
 
 _NODE = "choco/node"
 _ROUND = "choco/round"

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from flower_p2p.registry import ConfigError, Registry
 from strategies.base import Params
+from strategies.registry import ConfigError, Registry
 
 Parts = dict[str, np.ndarray]
 

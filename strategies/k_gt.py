@@ -33,7 +33,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from strategies.base import GossipAlgorithm, Params, State
+from strategies.base import GossipAlgorithm, Params, State, prefixed
 
 _STEP = "kgt/step"
 
@@ -88,8 +88,7 @@ class KGT(GossipAlgorithm):
 
     def local_correction(self, state: State) -> Params:
         """c_i, subtracted (times the step size) after every local optimizer step."""
-        prefix = "kgt/c/"
-        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        return prefixed(state, "kgt/c/")
 
     def message(self, params: Params, state: State) -> Params:
         """D_i = (x_i - z_i) / (K eta) from the trained z_i; sends x_i and D_i."""

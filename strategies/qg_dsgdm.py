@@ -25,9 +25,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from flower_p2p.registry import ConfigError
-from strategies.base import GossipAlgorithm, Params, State
+from strategies.base import GossipAlgorithm, Params, State, prefixed
 from strategies.dsgd import DSGD
+from strategies.registry import ConfigError
 
 _STEP = "qg/step"
 
@@ -79,9 +79,7 @@ class QGDSGDm(GossipAlgorithm):
 
     def local_correction(self, state: State) -> Params:
         """Beta * m_i, subtracted (times the step size) after every local SGD step."""
-        prefix = "qg/m/"
-        return {k[len(prefix) :]: self.momentum * v for k, v in state.items()
-                if k.startswith(prefix)}  # fmt: skip
+        return {k: self.momentum * m for k, m in prefixed(state, "qg/m/").items()}
 
     def message(self, params: Params, state: State) -> Params:
         """The freshly trained parameters."""

@@ -35,8 +35,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from flower_p2p.registry import ConfigError
 from strategies.base import GossipAlgorithm, Params, State
+from strategies.registry import ConfigError
 
 _COUNT = "count"
 
