@@ -48,3 +48,77 @@ def test_another_app_adopts_gossip_and_computes_the_reference(tmp_path, strategy
     for got, want in zip(flower, reference, strict=True):
         np.testing.assert_allclose(got, want["x"], rtol=1e-12, atol=1e-12)
     assert np.ptp(np.stack(flower), axis=0).max() > 1e-6  # nodes still differ: not trivial
+
+
+# ---- the strategy alone, against a fake Grid (no Ray): failures and what a node is sent -------
+
+
+@pytest.fixture
+def task_identity():
+    """Flower messages need the identity a running task has; restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class FakeGrid:
+    """Answers the strategy's queries with partition ids and its train messages with ``reply``."""
+
+    def __init__(self, n: int, reply) -> None:
+        self.n, self.reply, self.sent = n, reply, []
+
+    def get_node_ids(self):
+        return [100 + p for p in range(self.n)]
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        out = []
+        for msg in messages:
+            pid = msg.metadata.dst_node_id - 100
+            if msg.metadata.message_type == MessageType.QUERY:
+                info = ConfigRecord({"partition-id": pid, "num-partitions": self.n})
+                out.append(Message(RecordDict({"node": info}), reply_to=msg))
+            else:
+                self.sent.append((pid, sorted(msg.content.array_records)))
+                out.append(self.reply(pid, msg))
+        return out
+
+
+def _ok(pid, msg):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    out = ArrayRecord({"w": Array(np.full(2, float(pid)))})
+    metrics = MetricRecord({"train_loss": 1.0, "payload_bytes": out.count_bytes()})
+    return Message(RecordDict({"out": out, "metrics": metrics}), reply_to=msg)
+
+
+def _raises(pid, msg):
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"boom {pid}"),
+                   reply_to=msg)  # fmt: skip
+
+
+def test_a_node_gets_its_in_neighbours_messages_only(task_identity):
+    cfg = ExperimentConfig(num_nodes=5, num_rounds=3, eval_every=100)
+    grid = FakeGrid(5, _ok)
+    GossipStrategy(cfg).start(grid)
+    by_round = [grid.sent[i : i + 5] for i in range(0, len(grid.sent), 5)]
+    assert all(keys == [] for _, keys in by_round[0])  # round 1: nothing sent yet
+    for received in by_round[1:]:  # a ring: i hears i - 1 and i + 1
+        assert dict(received) == {p: sorted([f"in:{(p - 1) % 5}", f"in:{(p + 1) % 5}"])
+                                  for p in range(5)}  # fmt: skip
+
+
+def test_a_failing_node_counts_as_dropped_but_every_node_failing_stops_the_run(task_identity):
+    cfg = ExperimentConfig(num_nodes=3, num_rounds=2, eval_every=100)
+    one_fails = GossipStrategy(cfg)
+    one_fails.start(FakeGrid(3, lambda p, m: _raises(p, m) if p == 1 else _ok(p, m)))
+    assert one_fails.faults.failed_nodes == {1: 3}  # both rounds and the final evaluation
+    with pytest.raises(RuntimeError, match="every node's ClientApp raised in round 1.*boom 0"):
+        GossipStrategy(cfg).start(FakeGrid(3, _raises))
