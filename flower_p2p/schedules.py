@@ -122,7 +122,9 @@ def _complete(n: int) -> Topology:
     return Topology(graph=g, weights=np.full((n, n), 1.0 / n), name="complete", mixing="uniform")
 
 
-@functools.lru_cache(maxsize=256)
+# A dense n x n matrix per round: 8 MB at 1,024 nodes, so keep a handful (rounds are visited in
+# order; one period of the exponential schedules is at most 32 graphs up to 2^32 nodes).
+@functools.lru_cache(maxsize=32)
 def _scheduled(spec: str, mixing: str, n: int, seed: int, key: int) -> Topology:
     if spec == "directed-exponential":
         g = directed_exponential_graph(n)
