@@ -24,7 +24,8 @@ class Recorder:
         """Merge values into the record of (round, node)."""
         rec = self.records.setdefault(
             (rnd, node),
-            {"round": rnd, "node": node, "accuracy": None, "unseen_accuracy": None, "loss": None,
+            {"round": rnd, "node": node, "accuracy": None, "unseen_accuracy": None,
+             "domain_accuracy": None, "loss": None,
              "train_loss": None, "bytes_sent": 0, "bytes_received": 0, "network_bytes": 0},
         )  # fmt: skip
         rec.update(values)
