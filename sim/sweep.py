@@ -265,8 +265,12 @@ def write_sweep_table(out: Path) -> str:
         (refs if r["reference"] else rows).setdefault(run_name(r["values"]), []).append(r)
     finished = [s for s in summaries.values() if s]
     unseen = any(s.get("unseen_accuracy_mean") is not None for s in finished)
+    domain = any(s.get("domain_accuracy_mean") is not None for s in finished)
+    hetero = any((s.get("heterogeneity") or {}).get("edge_tv") is not None for s in finished)
     header = [*keys, "seeds", "mean acc (%)", "worst node (%)"]
     header += ["unseen acc (%)"] if unseen else []
+    header += ["own-domain acc (%)"] if domain else []
+    header += ["edge TV", "edge / all-pairs TV"] if hetero else []
     header += ["centralized (%)"] if refs else []
     header += ["MB on the network per node"]
     table = []
@@ -278,6 +282,14 @@ def write_sweep_table(out: Path) -> str:
         if unseen:
             row.append(mean_std([s["unseen_accuracy_mean"] for s in done
                                  if s.get("unseen_accuracy_mean") is not None]))  # fmt: skip
+        if domain:
+            row.append(mean_std([s["domain_accuracy_mean"] for s in done
+                                 if s.get("domain_accuracy_mean") is not None]))  # fmt: skip
+        if hetero:
+            het = [s.get("heterogeneity") or {} for s in done]
+            row.append(mean_std([h["edge_tv"] for h in het if h.get("edge_tv") is not None], 1))
+            row.append(mean_std([h["edge_to_all_pairs"] for h in het
+                                 if h.get("edge_to_all_pairs") is not None], 1))  # fmt: skip
         if refs:
             ref_values = {
                 k: v for k, v in group[0]["values"].items() if k not in NOT_REFERENCE_KEYS
