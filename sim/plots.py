@@ -385,7 +385,7 @@ def label_figure(run: Run) -> Figure | None:
     n, k = len(bundle.partitions), bundle.num_classes
     fig, (ax, side) = plt.subplots(
         1, 2, figsize=(3.4 + 0.55 * k, 1.4 + 0.35 * n), layout="constrained",
-        width_ratios=(k, 4), sharey=False,
+        width_ratios=(k, 5),
     )  # fmt: skip
     plot_label_distributions(
         SavedPartitions(bundle.partitions, bundle.union()),
@@ -394,13 +394,14 @@ def label_figure(run: Run) -> Figure | None:
         partition_id_axis="y",
         axis=ax,
         legend=True,
-        title=f"training samples per class and node: {describe(run.config)}",
+        title="training samples per class and node",
         plot_kwargs={"annot": n <= 40 and k <= 30, "annot_kws": {"fontsize": 7}},
     )
     ax.title.set_fontsize(9)
     ax.set_ylabel("node")
     ax.set_xlabel("class")
     heterogeneity_panel(side, het)
+    suptitle(fig, describe(run.config))
     return fig
 
 
@@ -412,13 +413,14 @@ def heterogeneity_panel(ax: Axes, het: dict) -> None:
         ax.text(size, i + 0.5, f" H={h:.2f}", va="center", fontsize=7)
     ax.set_ylim(n, 0)
     ax.set_yticks([])
-    ax.set_xlabel("samples (H: label entropy, bits)")
+    ax.set_xlabel("samples\n(H: label entropy, bits)")
     ax.set_xlim(0, 1.45 * max(het["size"]))
     edge, pairs, ratio = het["edge_tv"], het["all_pairs_tv"], het["edge_to_all_pairs"]
-    lines = [f"label TV: edges {edge:.2f}" if edge is not None else "label TV: no graph",
-             f"all pairs {pairs:.2f}" if pairs is not None else "",
-             f"edges / all pairs {ratio:.2f}" if ratio is not None else ""]  # fmt: skip
-    ax.set_title("\n".join(x for x in lines if x), fontsize=8)
+    first = f"label TV: edges {edge:.2f}" if edge is not None else "label TV: no graph"
+    parts = (f"all pairs {pairs:.2f}" if pairs is not None else "",
+             f"ratio {ratio:.2f}" if ratio is not None else "")  # fmt: skip
+    second = ", ".join(x for x in parts if x)
+    ax.set_title(f"{first}\n{second}", fontsize=8)
 
 
 SCHEDULES_DRAWN_ON_A_CIRCLE = ("directed-exponential", "one-peer-exponential", "random-matching")

@@ -270,8 +270,8 @@ def write_sweep_table(out: Path) -> str:
     header = [*keys, "seeds", "mean acc (%)", "worst node (%)"]
     header += ["unseen acc (%)"] if unseen else []
     header += ["own-domain acc (%)"] if domain else []
-    header += ["edge TV", "edge / all-pairs TV"] if hetero else []
     header += ["centralized (%)"] if refs else []
+    header += ["edge TV", "edge / all-pairs TV"] if hetero else []
     header += ["MB on the network per node"]
     table = []
     for group in rows.values():
@@ -285,11 +285,6 @@ def write_sweep_table(out: Path) -> str:
         if domain:
             row.append(mean_std([s["domain_accuracy_mean"] for s in done
                                  if s.get("domain_accuracy_mean") is not None]))  # fmt: skip
-        if hetero:
-            het = [s.get("heterogeneity") or {} for s in done]
-            row.append(mean_std([h["edge_tv"] for h in het if h.get("edge_tv") is not None], 1))
-            row.append(mean_std([h["edge_to_all_pairs"] for h in het
-                                 if h.get("edge_to_all_pairs") is not None], 1))  # fmt: skip
         if refs:
             ref_values = {
                 k: v for k, v in group[0]["values"].items() if k not in NOT_REFERENCE_KEYS
@@ -298,6 +293,11 @@ def write_sweep_table(out: Path) -> str:
             ref_runs = refs.get(run_name(ref_values), [])
             row.append(mean_std([summaries[r["dir"]]["accuracy_mean"] for r in ref_runs
                                  if r["seed"] in seeds and summaries[r["dir"]]]))  # fmt: skip
+        if hetero:
+            het = [s.get("heterogeneity") or {} for s in done]
+            row.append(mean_std([h["edge_tv"] for h in het if h.get("edge_tv") is not None], 1))
+            row.append(mean_std([h["edge_to_all_pairs"] for h in het
+                                 if h.get("edge_to_all_pairs") is not None], 1))  # fmt: skip
         row.append(mean_std([network_bytes_per_node(s) for s in done], 1e-6, 1))
         table.append(row)
     return write_md_and_csv(out, "sweep", header, table)

@@ -363,3 +363,29 @@ def test_prefix_cache_with_feature_skew_caches_each_nodes_own_domain_copy():
     assert torch.allclose(rt.domain_test_x, expected)
     assert not torch.allclose(rt.domain_test_x, rt.test_x)
     assert label_histogram(bundle.partitions[2], bundle).sum() == len(rt.train_y)
+
+
+# ---- one Flower run: the user's class loaded in the simulation's workers, placed, skewed -------
+
+
+def test_flower_run_with_a_user_class_placement_and_feature_skew(user_files, tmp_path):
+    from sim.engine import run_experiment
+    from sim.runs import load_run
+
+    spec = f"{user_files}/parts.py:EveryKth"
+    cfg = ExperimentConfig(num_nodes=4, num_rounds=2, depth=1, img_size=16, eval_every=1,
+                           partitioner=spec, placement="spread", feature_skew="mixed",
+                           out_dir=str(tmp_path / "run"))  # fmt: skip
+    run = load_run(run_experiment(cfg))
+    last = [m for m in run.metrics if m["round"] == 2]
+    assert len(last) == 4 and all(m["accuracy"] is not None for m in last)
+    assert all(0 <= m["domain_accuracy"] <= 1 for m in last)  # each node on its own domain
+    summary, expected = run.summary, data_summary(cfg)
+    assert summary["heterogeneity"] == expected["heterogeneity"]
+    assert summary["partition"]["sha256"] == expected["partition"]["sha256"] is not None
+    assert summary["heterogeneity"]["domain"] == [
+        expected["partition"]["node_partition"][i] for i in range(4)
+    ]  # one domain per partition, travelling with it
+    assert summary["domain_accuracy_mean"] == pytest.approx(np.mean([m["domain_accuracy"]
+                                                                     for m in last]))  # fmt: skip
+    assert (run.dir / "labels.png").is_file()
