@@ -557,7 +557,7 @@ def heterogeneity_figure(
         ax.scatter(edge_tv(r), 100 * r.summary["accuracy_mean"], s=36,
                    color=colours[labels.index(label) % len(colours)],
                    marker=shapes.get(r.config.get("placement", "random"), "o"))  # fmt: skip
-    for i, label in enumerate(labels):
+    for i, label in enumerate(labels if colour_keys else ()):
         ax.scatter([], [], color=colours[i % len(colours)], label=label)
     for placement, shape in shapes.items():
         if any(r.config.get("placement", "random") == placement for r in points):

@@ -389,3 +389,12 @@ def test_flower_run_with_a_user_class_placement_and_feature_skew(user_files, tmp
     assert summary["domain_accuracy_mean"] == pytest.approx(np.mean([m["domain_accuracy"]
                                                                      for m in last]))  # fmt: skip
     assert (run.dir / "labels.png").is_file()
+
+
+def test_pretraining_takes_one_unshifted_partition_whatever_the_partition_keys():
+    from sim.pretrain import PretrainConfig, source_pool
+
+    cfg = ExperimentConfig(partitioner="size", node_sizes="1,1,1,1,1,1,1,2", placement="spread",
+                           feature_skew="rotation", skew_domains=4)  # fmt: skip
+    pool = source_pool(cfg, PretrainConfig(source_dataset="digits"))
+    assert len(pool.partitions) == 1 and len(pool.partitions[0]) == 1437

@@ -128,6 +128,18 @@ def test_table_carries_edge_heterogeneity_and_the_plot_accuracy_against_it(tmp_p
     assert out / "plots" / "accuracy-vs-edge-tv.png" in paths
 
 
+def test_a_finished_run_from_before_a_key_existed_counts_as_that_keys_default(tmp_path):
+    path = sweep_file(tmp_path, "alpha = [0.1]\n")
+    out = run_sweep(path, plot=False, runner=FakeRunner())
+    config = out / "alpha=0.1,seed=0" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["config"]["placement"], saved["config"]["feature-skew"]  # an older run's config
+    config.write_text(json.dumps(saved))
+    again = FakeRunner()
+    run_sweep(path, plot=False, runner=again)
+    assert again.calls == []  # kept: it ran with placement=random, feature-skew=none
+
+
 def test_mean_std():
     assert mean_std([0.90, 0.92, 0.94]) == "92.00 ± 2.00"
     assert mean_std([0.9]) == "90.00"
