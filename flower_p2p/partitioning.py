@@ -43,8 +43,12 @@ def check_partition_keys(cfg: ExperimentConfig) -> None:
 
     if is_user_spec(cfg.partitioner):
         split_spec(cfg.partitioner)
-    else:
-        PARTITIONERS.get(cfg.partitioner)
+    elif cfg.partitioner not in PARTITIONERS:
+        raise ConfigError(
+            "partitioner", cfg.partitioner,
+            f"one of {', '.join(PARTITIONERS.names())}, or your own: path/to/file.py:ClassName "
+            "or path/to/partition.json",
+        )  # fmt: skip
     for key, minimum in (("shards-per-node", 1), ("shard-size", 0), ("group-size", 1),
                          ("preassigned-per-class", 0)):  # fmt: skip
         value = getattr(cfg, key.replace("-", "_"))
