@@ -146,7 +146,11 @@ def load_latest(out: Path, run_config: dict) -> Checkpoint:
     if not manifest.is_file():
         raise ConfigError("resume", True, f"an out-dir holding a checkpoint; {_no_checkpoint(out)}")
     meta = json.loads(manifest.read_text())
-    saved, now = _comparable(meta["config"]), _comparable(run_config)
+    from flower_p2p.config import ExperimentConfig
+
+    # a key added since the checkpoint was written did not exist then: it ran with its default
+    saved = _comparable({**ExperimentConfig().to_run_config(), **meta["config"]})
+    now = _comparable(run_config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)

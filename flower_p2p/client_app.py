@@ -87,6 +87,8 @@ def _metrics(result: RoundResult, sent: int) -> MetricRecord:
         values.update(accuracy=result.accuracy, loss=result.loss)
     if result.unseen_accuracy is not None:  # a MetricRecord holds no None: absent means none
         values["unseen_accuracy"] = result.unseen_accuracy
+    if result.domain_accuracy is not None:
+        values["domain_accuracy"] = result.domain_accuracy
     return MetricRecord(values)
 
 

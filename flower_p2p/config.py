@@ -42,6 +42,19 @@ class ExperimentConfig:
     alpha: float = 0.5
     classes_per_node: int = 2
     unseen_layout: str = "neighbours-share"
+    partition_by: str = "auto"
+    shards_per_node: int = 2
+    shard_size: int = 0
+    node_sizes: str = "lognormal"
+    sigma: float = 1.0
+    preassigned_per_class: int = 5
+    group_size: int = 2
+    group_mode: str = "allow-smaller"
+    strictness: float = 0.5
+    placement: str = "random"
+    feature_skew: str = "none"
+    skew_domains: int = 0
+    skew_strength: float = 1.0
     model: str = "vit_tiny_patch16_224"
     img_size: int = 32
     patch_size: int = 8
@@ -108,7 +121,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Check every value against what is allowed; registries name the allowed choices."""
         # Local imports: the registries live next to the code they describe.
-        from flower_p2p.data import PARTITIONERS, check_dataset_spec
+        from flower_p2p.data import check_dataset_spec
         from flower_p2p.models import FINETUNE_MODES, PARAM_GROUPS, check_model_name
         from flower_p2p.schedules import SCHEDULES, check_schedule, is_schedule
         from flower_p2p.topology import GRAPHS, MIXINGS
@@ -156,7 +169,9 @@ class ExperimentConfig:
             )
         if self.strategy not in ("centralized", "local"):
             check_schedule(self)
-        PARTITIONERS.get(self.partitioner)
+        from flower_p2p.partitioning import check_partition_keys
+
+        check_partition_keys(self)
         if not self.alpha > 0:
             raise ConfigError("alpha", self.alpha, "a Dirichlet concentration > 0")
         _positive("classes-per-node", self.classes_per_node)

@@ -39,68 +39,25 @@ from datasets import (
     load_from_disk,
 )
 from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
+from flwr_datasets.partitioner import IidPartitioner
 from flwr_datasets.preprocessor import Divider
 from PIL import Image as PILImage
 from torchvision import transforms
 
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.feature_skew import Shift
 from flower_p2p.glyphs import glyphs_dataset
-from flower_p2p.registry import ConfigError, Registry
-from flower_p2p.unseen import unseen_partitioner
+from flower_p2p.partitioners import NATURAL_ID, NATURAL_ID_COLUMNS
+from flower_p2p.partitioners import PARTITIONERS as PARTITIONERS  # re-exported: tests, validate
+from flower_p2p.partitioning import node_rows
+from flower_p2p.registry import ConfigError
 
-PARTITIONERS: Registry = Registry("partitioner")
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "fine_label", "labels", "coarse_label")
 # Per-node progress bars for tiny in-memory operations drown the round log.
 datasets.disable_progress_bars()
 # The test split of a dataset without one is fixed: it must not move with the run's seed.
 TEST_SPLIT_SEED = 0
-
-
-@PARTITIONERS.register("iid")
-def _iid(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
-    return IidPartitioner(num_partitions=cfg.num_nodes)
-
-
-@PARTITIONERS.register("dirichlet")
-def _dirichlet(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
-    # min_partition_size=1: tiny nodes are part of what a researcher studies, not an error.
-    return DirichletPartitioner(
-        num_partitions=cfg.num_nodes,
-        partition_by=label_column,
-        alpha=cfg.alpha,
-        min_partition_size=1,
-        seed=cfg.seed,
-    )
-
-
-@PARTITIONERS.register("pathological")
-def _pathological(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
-    if not 1 <= cfg.classes_per_node <= num_classes:
-        raise ConfigError(
-            "classes-per-node", cfg.classes_per_node, f"an integer in [1, {num_classes}]"
-        )
-    return PathologicalPartitioner(
-        num_partitions=cfg.num_nodes,
-        partition_by=label_column,
-        num_classes_per_partition=cfg.classes_per_node,
-        class_assignment_mode="random",
-        seed=cfg.seed,
-    )
-
-
-@PARTITIONERS.register("unseen")
-def _unseen(cfg: ExperimentConfig, label_column: str, num_classes: int) -> Partitioner:
-    # Every class held by some node, each node exactly classes-per-node of them (unseen.py).
-    return unseen_partitioner(
-        cfg.num_nodes, num_classes, cfg.classes_per_node, cfg.unseen_layout, label_column, cfg.seed
-    )
 
 
 def check_dataset_spec(spec: str) -> None:
@@ -184,6 +141,12 @@ class DataBundle:
     class_names: tuple[str, ...]
     # The fraction of `train` carved off as `test` (seed TEST_SPLIT_SEED); None: its own split.
     test_fraction: float | None = None
+    # Node i holds the partitioner's partition placement[i] (placement.py); () : identity.
+    placement: tuple[int, ...] = ()
+
+    def partition_of(self, node: int) -> int:
+        """The partitioner's index of the partition node ``node`` holds."""
+        return self.placement[node] if self.placement else node
 
     @property
     def num_classes(self) -> int:
@@ -249,10 +212,25 @@ def encode_labels(splits: DatasetDict, label_column: str, names: tuple[str, ...]
 
 
 def data_key(cfg: ExperimentConfig) -> tuple:
-    """The config keys that decide a run's data: equal keys, identical partitions and test split."""
+    """The config keys that decide a run's data: equal keys, identical partitions and test split.
+
+    Besides the partition keys: a user partition file's fingerprint (path, size, mtime), the
+    edges placement used (they depend on topology, strategy, rounds, seed and graph keys), and
+    the feature-skew keys (they change the tensors, and the prefix cache keys on this).
+    """
+    from flower_p2p.placement import placement_edges
+    from flower_p2p.user_partition import fingerprint, is_user_spec
+
+    placed = cfg.placement != "random" and cfg.strategy != "centralized"
     return (
         cfg.dataset, cfg.image_column, cfg.label_column, cfg.test_fraction, cfg.partitioner,
         cfg.alpha, cfg.classes_per_node, cfg.unseen_layout, cfg.num_nodes, cfg.seed,
+        cfg.partition_by, cfg.shards_per_node, cfg.shard_size, cfg.node_sizes, cfg.sigma,
+        cfg.preassigned_per_class, cfg.group_size, cfg.group_mode, cfg.strictness,
+        fingerprint(cfg.partitioner) if is_user_spec(cfg.partitioner) else None,
+        cfg.placement if placed else "random",
+        tuple(placement_edges(cfg) or ()) if placed else None,
+        cfg.feature_skew, cfg.skew_domains, cfg.skew_strength,
     )  # fmt: skip
 
 
@@ -286,13 +264,26 @@ def _load_data_cached(key: tuple, cfg: ExperimentConfig) -> DataBundle:
         if carved is not None:
             splits = _split_off_test(splits["train"], label_col, carved)
         train, test = splits["train"], splits["test"]
-        _check_node_count(cfg, len(train))
-        partitioner = PARTITIONERS.get(cfg.partitioner)(cfg, label_col, len(names))
-        partitioner.dataset = train
-        partitions = _load_partitions(partitioner, cfg)
     else:
-        partitions, test, image_col, label_col, names, carved = _load_hub(cfg)
-    return DataBundle(tuple(partitions), test, image_col, label_col, names, carved)
+        train, test, image_col, label_col, names, carved = _load_hub(cfg)
+    _check_node_count(cfg, len(train))
+    by = partition_by_column(cfg, train.column_names, label_col)
+    placed = node_rows(cfg, train, label_col, len(names), by)
+    partitions = tuple(train.select(r) for r in placed.rows)
+    return DataBundle(partitions, test, image_col, label_col, names, carved, placed.placement)
+
+
+def partition_by_column(cfg: ExperimentConfig, columns: list[str], label: str) -> str | None:
+    """The ``partition-by`` column of a partitioner that reads one (None: the label column).
+
+    ``natural-id`` and ``grouped-natural-id`` need a column naming each sample's owner (``auto``
+    looks for common names); ``continuous`` takes any numeric column (``auto``: the label).
+    """
+    if cfg.partitioner in NATURAL_ID:
+        return pick_column(columns, cfg.partition_by, NATURAL_ID_COLUMNS, "partition-by")
+    if cfg.partitioner == "continuous" and cfg.partition_by != "auto":
+        return pick_column(columns, cfg.partition_by, (), "partition-by")
+    return None
 
 
 def _check_node_count(cfg: ExperimentConfig, num_train: int) -> None:
@@ -302,27 +293,9 @@ def _check_node_count(cfg: ExperimentConfig, num_train: int) -> None:
         )
 
 
-def _load_partitions(partitioner: Partitioner, cfg: ExperimentConfig) -> list[Dataset]:
-    try:
-        parts = [partitioner.load_partition(i) for i in range(cfg.num_nodes)]
-    except ValueError as err:  # flwr-datasets says why a partitioning is impossible
-        raise ConfigError(
-            "partitioner", cfg.partitioner, f"a feasible partitioning: {err}"
-        ) from err
-    empty = [i for i, p in enumerate(parts) if len(p) == 0]
-    if empty:
-        raise ConfigError(
-            "num-nodes",
-            cfg.num_nodes,
-            f"a value that leaves no node without data (empty partitions: {empty}); "
-            "use fewer nodes, a larger alpha or more classes-per-node",
-        )
-    return parts
-
-
 def _load_hub(
     cfg: ExperimentConfig,
-) -> tuple[list[Dataset], Dataset, str, str, tuple[str, ...], float | None]:
+) -> tuple[Dataset, Dataset, str, str, tuple[str, ...], float | None]:
     from datasets import get_dataset_split_names
 
     try:
@@ -357,31 +330,37 @@ def _load_hub(
         splits = encode_labels(splits, label_col, names)
         return divider(splits) if divider else splits
 
-    partitioner = PARTITIONERS.get(cfg.partitioner)(cfg, label_col, len(names))
+    # FederatedDataset prepares (shuffles, divides) the splits; node_rows partitions `train`.
     fds = FederatedDataset(
         dataset=cfg.dataset,
-        partitioners={"train": partitioner},
+        partitioners={"train": IidPartitioner(num_partitions=cfg.num_nodes)},
         preprocessor=prepare,
         seed=TEST_SPLIT_SEED,
     )
-    train = fds.load_split("train")
-    _check_node_count(cfg, len(train))
-    partitioner.dataset = train  # what fds.load_partition would assign
     carved = None if "test" in split_names else cfg.test_fraction
-    test = fds.load_split("test")
-    return _load_partitions(partitioner, cfg), test, image_col, label_col, names, carved
+    return fds.load_split("train"), fds.load_split("test"), image_col, label_col, names, carved
 
 
-def make_transform(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
-    """Deterministic preprocessing: RGB, resize to the model input, normalise."""
-    return transforms.Compose(
-        [
-            transforms.Lambda(lambda im: im.convert("RGB")),
-            transforms.Resize((img_size, img_size), antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+def make_transform(
+    img_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    shift: Shift | None = None,
+    split: str = "train",
+):
+    """Deterministic preprocessing: RGB, resize to the model input, (domain shift,) normalise.
+
+    A feature-skew ``shift`` acts on the [0, 1] image before normalisation; its noise stream
+    (``split``: train or test) starts afresh with every transform made here.
+    """
+    steps = [
+        transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.Resize((img_size, img_size), antialias=True),
+        transforms.ToTensor(),
+    ]
+    if shift is not None:
+        steps.append(shift.transform(split))
+    return transforms.Compose([*steps, transforms.Normalize(mean, std)])
 
 
 def to_tensors(ds: Dataset, bundle: DataBundle, transform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,3 +373,37 @@ def to_tensors(ds: Dataset, bundle: DataBundle, transform) -> tuple[torch.Tensor
 def label_histogram(ds: Dataset, bundle: DataBundle) -> np.ndarray:
     """Samples per class in ``ds``."""
     return np.bincount(np.asarray(ds[bundle.label_column]), minlength=bundle.num_classes)
+
+
+def data_summary(cfg: ExperimentConfig) -> dict:
+    """summary.json's ``heterogeneity`` and ``partition`` objects for ``cfg``'s data.
+
+    ``heterogeneity``: the label figures of ``heterogeneity.py`` over the placed partitions and
+    the run's graph (edge figures None for the centralized reference), plus each node's feature
+    domain when feature skew is on. ``partition``: what was used, so the run can be repeated (a
+    user file's SHA-256, the placement).
+    """
+    from flower_p2p.feature_skew import describe, shift_for
+    from flower_p2p.heterogeneity import heterogeneity
+    from flower_p2p.placement import placement_edges
+    from flower_p2p.user_partition import file_sha256, is_user_spec
+
+    bundle = load_data(cfg)
+    hists = np.stack([label_histogram(p, bundle) for p in bundle.partitions])
+    edges = placement_edges(cfg)
+    out = heterogeneity(hists, edges)
+    if cfg.feature_skew != "none":
+        shifts = [shift_for(cfg, bundle.partition_of(i)) for i in range(cfg.num_nodes)]
+        out["domain"] = [s.domain for s in shifts]
+        out["domain_shift"] = [describe(s) for s in shifts]
+        if edges:
+            out["edge_domain_differs"] = float(
+                np.mean([shifts[u].domain != shifts[v].domain for u, v in edges])
+            )
+    partition = {
+        "partitioner": cfg.partitioner,
+        "sha256": file_sha256(cfg.partitioner) if is_user_spec(cfg.partitioner) else None,
+        "placement": cfg.placement if cfg.strategy != "centralized" else "random",
+        "node_partition": [bundle.partition_of(i) for i in range(cfg.num_nodes)],
+    }
+    return {"heterogeneity": out, "partition": partition}

@@ -343,7 +343,8 @@ class GossipStrategy(Strategy):
         if "accuracy" not in m:
             return
         self.rec.update(rnd - 1, pid, accuracy=m["accuracy"], loss=m["loss"],
-                        unseen_accuracy=m.get("unseen_accuracy"))  # fmt: skip
+                        unseen_accuracy=m.get("unseen_accuracy"),
+                        domain_accuracy=m.get("domain_accuracy"))  # fmt: skip
         if MONITOR in reply.content.array_records:
             self._meter.add(from_record(reply.content.array_records[MONITOR]))
 

@@ -19,6 +19,7 @@ from flower_p2p import prefix_cache
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import DataBundle, data_key, load_data, make_transform, to_tensors
 from flower_p2p.faults import check_injected_failure, local_steps, round_steps
+from flower_p2p.feature_skew import shift_for
 from flower_p2p.models import (
     apply_finetune,
     create_model,
@@ -62,17 +63,21 @@ class NodeRuntime:
         self.shared = shared_names(self.trainable, cfg)
         self.initial_params = get_params(self.model, self.trainable)
         norm = data_config(self.model)
-        transform = make_transform(cfg.img_size or 224, *norm)
-        train = bundle.union() if cfg.strategy == "centralized" else bundle.partitions[node]
-        self.train_x, self.train_y = to_tensors(train, bundle, transform)
+        self.train_x, self.train_y = _train_tensors(cfg, bundle, node, norm)
         # The classes this node trains on; test samples of the others are its "unseen" ones.
         self.seen_classes = torch.unique(self.train_y)
         self.logit_scale = restricted_softmax_scale(
             self.num_classes, self.seen_classes, cfg.restricted_softmax
         )
         self.test_x, self.test_y = _test_tensors(data_key(cfg), cfg.img_size or 224, norm, bundle)
+        # Feature skew: the node's own domain's copy of the test set (domain_accuracy).
+        shift = None if cfg.strategy == "centralized" else shift_for(cfg, bundle.partition_of(node))
+        self.domain_test_x = None
+        if shift is not None:
+            transform = make_transform(cfg.img_size or 224, *norm, shift=shift, split="test")
+            self.domain_test_x = to_tensors(bundle.test, bundle, transform)[0]
         self.cache = prefix_cache.plan(
-            cfg, self.model, self.trainable, len(self.train_y), len(self.test_y),
+            cfg, self.model, self.trainable, len(self.train_y), eval_copies(cfg) * len(self.test_y),
             tuple(self.train_x.shape[1:]), self.device,
         )  # fmt: skip
         self.net = self.cache.network(self.model)
@@ -81,6 +86,9 @@ class NodeRuntime:
             self.train_x = prefix_cache.activations(split, self.train_x, self.device)
             key = prefix_cache.cache_key(cfg, *norm, part="test")
             self.test_x = prefix_cache.shared_activations(key, split, self.test_x, self.device)
+            if self.domain_test_x is not None:  # this node's alone, like its training images
+                self.domain_test_x = prefix_cache.activations(split, self.domain_test_x,
+                                                              self.device)  # fmt: skip
 
     def optimizer(self, saved: Params | None, rnd: int) -> torch.optim.Optimizer:
         """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
@@ -119,6 +127,29 @@ def node_model(
     template, trainable = _TEMPLATES[key]
     frozen = {id(p): p for p in template.parameters() if not p.requires_grad}
     return copy.deepcopy(template, memo=dict(frozen)), list(trainable)
+
+
+def _train_tensors(
+    cfg: ExperimentConfig, bundle: DataBundle, node: int, norm: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A node's training tensors, each partition's images through its domain's shift.
+
+    The centralized reference trains on every partition, in the partitioner's order.
+    """
+    size = cfg.img_size or 224
+    if cfg.strategy != "centralized":
+        shift = shift_for(cfg, bundle.partition_of(node))
+        return to_tensors(bundle.partitions[node], bundle, make_transform(size, *norm, shift=shift))
+    if cfg.feature_skew == "none":
+        return to_tensors(bundle.union(), bundle, make_transform(size, *norm))
+    parts = [to_tensors(p, bundle, make_transform(size, *norm, shift=shift_for(cfg, j)))
+             for j, p in enumerate(bundle.partitions)]  # fmt: skip
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+def eval_copies(cfg: ExperimentConfig) -> int:
+    """Test sets a node evaluates on: the global one, and its domain's copy with feature skew."""
+    return 1 if cfg.feature_skew == "none" or cfg.strategy == "centralized" else 2
 
 
 _TEST_TENSORS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -166,6 +197,8 @@ class RoundResult:
     loss: float | None = None
     # accuracy on test classes absent from the node's training data (None: it has them all)
     unseen_accuracy: float | None = None
+    # accuracy on the node's own domain's copy of the test set (None without feature skew)
+    domain_accuracy: float | None = None
     train_s: float = 0.0
     eval_s: float = 0.0
 
@@ -237,6 +270,9 @@ def run_round(
         acc, loss, pred = evaluate(rt.net, rt.test_x, rt.test_y, 256, rt.device)
         result.accuracy, result.loss, result.eval_s = acc, loss, time.perf_counter() - t0
         result.unseen_accuracy = unseen_class_accuracy(pred, rt.test_y, rt.seen_classes)
+        if rt.domain_test_x is not None:
+            result.domain_accuracy = evaluate(rt.net, rt.domain_test_x, rt.test_y, 256,
+                                              rt.device)[0]  # fmt: skip
     if not train:
         return result
     cfg = rt.cfg

@@ -26,10 +26,11 @@ from flower_p2p.checkpoint import (
     remove_temp_files,
 )
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.data import load_data
+from flower_p2p.data import data_summary, load_data
 from flower_p2p.gossip_strategy import GossipStrategy
 from flower_p2p.models import apply_finetune, create_model, shared_names
 from flower_p2p.network import Traffic
+from flower_p2p.node import eval_copies
 from flower_p2p.recorder import Recorder
 from flower_p2p.results import (
     package_versions,
@@ -63,8 +64,9 @@ def preflight(cfg: ExperimentConfig) -> str:
     sizes = [len(p) for p in bundle.partitions]
     largest = sum(sizes) if cfg.strategy == "centralized" else max(sizes)
     side = cfg.img_size or 224
+    num_test = eval_copies(cfg) * len(bundle.test)  # feature skew: the node's domain copy too
     return prefix_cache.plan(
-        cfg, model, trainable, largest, len(bundle.test), (3, side, side), torch.device("cpu")
+        cfg, model, trainable, largest, num_test, (3, side, side), torch.device("cpu")
     ).reason
 
 
@@ -85,7 +87,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     strategy = GossipStrategy(cfg, out)
     strategy.start(grid, ArrayRecord(), cfg.num_rounds, resume=resumed)
     summary = {**summarize(cfg, strategy.rec, strategy.traffic, strategy.elapsed()),
-               "prefix_cache": cache, "faults": strategy.faults.to_dict()}  # fmt: skip
+               "prefix_cache": cache, "faults": strategy.faults.to_dict(),
+               **data_summary(cfg)}  # fmt: skip
     write_json(out / "summary.json", summary)
     log(
         INFO,
@@ -103,6 +106,7 @@ def summarize(cfg: ExperimentConfig, rec: Recorder, traffic: Traffic, wall_s: fl
     accs = rec.round_accuracies(cfg.num_rounds)
     # over the nodes that lack some class (None when every node has seen every class)
     unseen = rec.round_accuracies(cfg.num_rounds, "unseen_accuracy")
+    domain = rec.round_accuracies(cfg.num_rounds, "domain_accuracy")
     return {
         "strategy": cfg.strategy,
         # fedavg and centralized are references, not peer-to-peer learning
@@ -114,6 +118,9 @@ def summarize(cfg: ExperimentConfig, rec: Recorder, traffic: Traffic, wall_s: fl
         "accuracy_max": float(np.max(accs)),
         "unseen_accuracy_mean": float(np.mean(unseen)) if unseen else None,
         "unseen_accuracy_min": float(np.min(unseen)) if unseen else None,
+        # feature skew: accuracy on each node's own domain's copy of the test set
+        "domain_accuracy_mean": float(np.mean(domain)) if domain else None,
+        "domain_accuracy_min": float(np.min(domain)) if domain else None,
         # time-varying schedules: the gap of one period's product (None for random matchings);
         # relay-sum uses no mixing weights: its speed is its tree's diameter
         "spectral_gap": (

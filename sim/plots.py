@@ -116,6 +116,9 @@ def describe(config: dict, varying: tuple[str, ...] = ()) -> str:
     part += f" (alpha={config['alpha']})" if part == "dirichlet" and "alpha" not in varying else ""
     shown = {"dataset": config["dataset"], "partitioner": part, "topology": config["topology"],
              "model": config["model"]}  # fmt: skip
+    for key, plain in (("placement", "random"), ("feature-skew", "none")):
+        if config.get(key, plain) != plain:
+            shown[key] = f"{key}={config[key]}"
     return ", ".join(v for k, v in shown.items() if k not in varying)
 
 
@@ -365,19 +368,25 @@ def label_figure(run: Run) -> Figure | None:
     """Samples per class (columns) held by each node (rows), counts written in the cells.
 
     Drawn with flwr-datasets' ``plot_label_distributions`` (heatmap) over the partitions rebuilt
-    from the run's config (the same partitioner and seed; nothing trains). None for the
-    centralized reference, which has no nodes.
+    from the run's config (the same partitioner, placement and seed; nothing trains), and next
+    to it the heterogeneity of ``summary.json``: each node's size and label entropy, and the
+    mean label distance (total variation) across the graph's edges and across all pairs. None
+    for the centralized reference, which has no nodes.
     """
     from flwr_datasets.visualization import plot_label_distributions
 
-    from flower_p2p.data import load_data
+    from flower_p2p.data import data_summary, load_data
 
     cfg = ExperimentConfig.from_run_config(run.config)
     if cfg.strategy == "centralized":
         return None
     bundle = load_data(cfg)
+    het = data_summary(cfg)["heterogeneity"]
     n, k = len(bundle.partitions), bundle.num_classes
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * k, 1.2 + 0.35 * n), layout="constrained")
+    fig, (ax, side) = plt.subplots(
+        1, 2, figsize=(3.4 + 0.55 * k, 1.4 + 0.35 * n), layout="constrained",
+        width_ratios=(k, 5),
+    )  # fmt: skip
     plot_label_distributions(
         SavedPartitions(bundle.partitions, bundle.union()),
         label_name=bundle.label_column,
@@ -385,13 +394,33 @@ def label_figure(run: Run) -> Figure | None:
         partition_id_axis="y",
         axis=ax,
         legend=True,
-        title=f"training samples per class and node: {describe(run.config)}",
+        title="training samples per class and node",
         plot_kwargs={"annot": n <= 40 and k <= 30, "annot_kws": {"fontsize": 7}},
     )
     ax.title.set_fontsize(9)
     ax.set_ylabel("node")
     ax.set_xlabel("class")
+    heterogeneity_panel(side, het)
+    suptitle(fig, describe(run.config))
     return fig
+
+
+def heterogeneity_panel(ax: Axes, het: dict) -> None:
+    """Node sizes (bars, node 0 on top like the heatmap) with label entropies; TV in the title."""
+    n = len(het["size"])
+    ax.barh(np.arange(n) + 0.5, het["size"], color="tab:gray", height=0.7)
+    for i, (size, h) in enumerate(zip(het["size"], het["label_entropy"], strict=True)):
+        ax.text(size, i + 0.5, f" H={h:.2f}", va="center", fontsize=7)
+    ax.set_ylim(n, 0)
+    ax.set_yticks([])
+    ax.set_xlabel("samples\n(H: label entropy, bits)")
+    ax.set_xlim(0, 1.45 * max(het["size"]))
+    edge, pairs, ratio = het["edge_tv"], het["all_pairs_tv"], het["edge_to_all_pairs"]
+    first = f"label TV: edges {edge:.2f}" if edge is not None else "label TV: no graph"
+    parts = (f"all pairs {pairs:.2f}" if pairs is not None else "",
+             f"ratio {ratio:.2f}" if ratio is not None else "")  # fmt: skip
+    second = ", ".join(x for x in parts if x)
+    ax.set_title(f"{first}\n{second}", fontsize=8)
 
 
 SCHEDULES_DRAWN_ON_A_CIRCLE = ("directed-exponential", "one-peer-exponential", "random-matching")
@@ -494,7 +523,54 @@ def plot_collection(folder: Path, per_run: bool = True) -> list[Path]:
             fig = comparison_figure(compared, key, others, metric, references=references)
             suffix = "" if metric == "accuracy" else "-unseen"
             paths.append(save(fig, out / f"compare-{key}{suffix}.png"))
+    fig = heterogeneity_figure(compared, keys, references)
+    if fig is not None:
+        paths.append(save(fig, out / "accuracy-vs-edge-tv.png"))
     return paths
+
+
+def edge_tv(run: Run) -> float | None:
+    """The run's mean label distance across graph edges (summary.json), None if not recorded."""
+    return (run.summary.get("heterogeneity") or {}).get("edge_tv")
+
+
+def heterogeneity_figure(
+    runs: list[Run], keys: list[str], references: list[Run] = ()
+) -> Figure | None:
+    """Final mean node accuracy against edge heterogeneity, one marker per finished run.
+
+    Colour: the run's values of the varying keys other than ``placement``; marker: its
+    placement. Dashed black: the centralized references' mean. None with fewer than two runs
+    that recorded ``edge_tv``.
+    """
+    points = [r for r in runs if edge_tv(r) is not None and "accuracy_mean" in r.summary]
+    if len(points) < 2:
+        return None
+    colour_keys = [k for k in keys if k != "placement"]
+    labels = _natural(list({run_name({k: r.config[k] for k in colour_keys}) or "runs": None
+                            for r in points}))  # fmt: skip
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shapes = {"random": "o", "clustered": "s", "spread": "^"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    for r in points:
+        label = run_name({k: r.config[k] for k in colour_keys}) or "runs"
+        ax.scatter(edge_tv(r), 100 * r.summary["accuracy_mean"], s=36,
+                   color=colours[labels.index(label) % len(colours)],
+                   marker=shapes.get(r.config.get("placement", "random"), "o"))  # fmt: skip
+    for i, label in enumerate(labels if colour_keys else ()):
+        ax.scatter([], [], color=colours[i % len(colours)], label=label)
+    for placement, shape in shapes.items():
+        if any(r.config.get("placement", "random") == placement for r in points):
+            ax.scatter([], [], color="gray", marker=shape, label=f"placement={placement}")
+    refs = [100 * r.summary["accuracy_mean"] for r in references if "accuracy_mean" in r.summary]
+    if refs:
+        ax.axhline(float(np.mean(refs)), color="black", ls="--", lw=1, label="centralized")
+    ax.set_xlabel("mean label TV across graph edges (edge_tv)")
+    ax.set_ylabel("final mean node accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    suptitle(fig, "accuracy against edge heterogeneity", describe(points[0].config, tuple(keys)))
+    return fig
 
 
 def _has(runs: list[Run], key: str) -> bool:

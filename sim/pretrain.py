@@ -135,7 +135,10 @@ def _supervised(bundle: DataBundle) -> SourceTask:
 def source_pool(cfg: ExperimentConfig, pc: PretrainConfig) -> DataBundle:
     """The source dataset's ``train`` split as one partition (its test split is never read)."""
     spec = pc.source_dataset or cfg.dataset
-    one = cfg.replace(dataset=spec, strategy="centralized", partitioner="iid", num_nodes=1)
+    # one partition: the downstream run's partition, placement and feature-skew keys do not apply
+    one = cfg.replace(dataset=spec, strategy="centralized", partitioner="iid", num_nodes=1,
+                      node_sizes="equal", placement="random", feature_skew="none",
+                      skew_domains=0)  # fmt: skip
     return load_data(one)
 
 

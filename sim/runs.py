@@ -20,6 +20,7 @@ from flower_p2p.results import read_jsonl
 NOT_REFERENCE_KEYS = (
     "strategy", "gamma", "compressor", "compress-fraction", "topology", "mixing", "edge-prob",
     "degree", "small-world-k", "small-world-p", "share",
+    "placement",  # the centralized reference trains on the partitions in their own order
 )  # fmt: skip
 # Where a run is written, not what it is.
 LOCATION_KEYS = ("out-dir", "overwrite")

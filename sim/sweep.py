@@ -167,7 +167,9 @@ def is_finished(run_dir: Path) -> bool:
 
 def check_finished_matches(point: Point, out: Path) -> None:
     """A finished run kept from an earlier sweep must have been run with the same config."""
-    saved, want = load_run(out / point.name).config, point.config.to_run_config()
+    # a key added since that run was made did not exist then: it ran with the key's default
+    saved = {**ExperimentConfig().to_run_config(), **load_run(out / point.name).config}
+    want = point.config.to_run_config()
     keys = sorted((set(saved) | set(want)) - set(LOCATION_KEYS))
     diff = [k for k in keys if saved.get(k) != want.get(k)]
     if diff:
@@ -265,9 +267,13 @@ def write_sweep_table(out: Path) -> str:
         (refs if r["reference"] else rows).setdefault(run_name(r["values"]), []).append(r)
     finished = [s for s in summaries.values() if s]
     unseen = any(s.get("unseen_accuracy_mean") is not None for s in finished)
+    domain = any(s.get("domain_accuracy_mean") is not None for s in finished)
+    hetero = any((s.get("heterogeneity") or {}).get("edge_tv") is not None for s in finished)
     header = [*keys, "seeds", "mean acc (%)", "worst node (%)"]
     header += ["unseen acc (%)"] if unseen else []
+    header += ["own-domain acc (%)"] if domain else []
     header += ["centralized (%)"] if refs else []
+    header += ["edge TV", "edge / all-pairs TV"] if hetero else []
     header += ["MB on the network per node"]
     table = []
     for group in rows.values():
@@ -278,6 +284,9 @@ def write_sweep_table(out: Path) -> str:
         if unseen:
             row.append(mean_std([s["unseen_accuracy_mean"] for s in done
                                  if s.get("unseen_accuracy_mean") is not None]))  # fmt: skip
+        if domain:
+            row.append(mean_std([s["domain_accuracy_mean"] for s in done
+                                 if s.get("domain_accuracy_mean") is not None]))  # fmt: skip
         if refs:
             ref_values = {
                 k: v for k, v in group[0]["values"].items() if k not in NOT_REFERENCE_KEYS
@@ -286,6 +295,11 @@ def write_sweep_table(out: Path) -> str:
             ref_runs = refs.get(run_name(ref_values), [])
             row.append(mean_std([summaries[r["dir"]]["accuracy_mean"] for r in ref_runs
                                  if r["seed"] in seeds and summaries[r["dir"]]]))  # fmt: skip
+        if hetero:
+            het = [s.get("heterogeneity") or {} for s in done]
+            row.append(mean_std([h["edge_tv"] for h in het if h.get("edge_tv") is not None], 1))
+            row.append(mean_std([h["edge_to_all_pairs"] for h in het
+                                 if h.get("edge_to_all_pairs") is not None], 1))  # fmt: skip
         row.append(mean_std([network_bytes_per_node(s) for s in done], 1e-6, 1))
         table.append(row)
     return write_md_and_csv(out, "sweep", header, table)

@@ -15,6 +15,7 @@ def write_run(
     mb_per_round: float = 2.0,
     unseen: list[list[float]] | None = None,
     finished: bool = True,
+    heterogeneity: bool = False,
 ) -> Path:
     """A run folder whose node ``n`` has accuracy ``accs[round][n]`` (round 0 = initial model)."""
     folder = Path(folder)
@@ -53,5 +54,9 @@ def write_run(
         if unseen is not None:
             summary["unseen_accuracy_mean"] = sum(unseen[-1]) / len(unseen[-1])
             summary["unseen_accuracy_min"] = min(unseen[-1])
+        if heterogeneity:  # what the relay adds (it rebuilds the partitions: a data load)
+            from flower_p2p.data import data_summary
+
+            summary.update(data_summary(cfg))
         write_json(folder / "summary.json", summary)
     return folder

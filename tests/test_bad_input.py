@@ -114,6 +114,55 @@ CASES = [
      "at most 1437 (training samples of digits)"),
     ("more-nodes-than-samples-local", {"dataset": f"{F}/twenty", "num-nodes": 30}, "num-nodes",
      None, "at most 16 (training samples of"),
+    # partitions: named partitioners' keys, the user's files, placement, feature skew
+    ("unknown-placement", {"placement": "neighbours"}, "placement", None,
+     "one of random, clustered, spread"),
+    ("unknown-feature-skew", {"feature-skew": "blur"}, "feature-skew", None,
+     "one of none, rotation, contrast, noise, invert, mixed"),
+    ("unknown-group-mode", {"partitioner": "grouped-natural-id", "group-mode": "loose"},
+     "group-mode", None, "one of allow-smaller, allow-bigger, drop-reminder, strict"),
+    ("range-strictness", {"partitioner": "continuous", "strictness": 1.5}, "strictness", None,
+     "a value in [0, 1]"),
+    ("range-shards", {"partitioner": "shard", "shards-per-node": 0}, "shards-per-node", None,
+     "an integer >= 1"),
+    ("range-node-sizes", {"partitioner": "size", "node-sizes": "1,2,3"}, "node-sizes", None,
+     "8 comma-separated positive weights"),
+    ("range-sigma", {"partitioner": "size", "sigma": -1}, "sigma", -1.0, "a log-normal sigma >= 0"),
+    ("range-skew-domains", {"feature-skew": "rotation", "skew-domains": 9}, "skew-domains", None,
+     "an integer in [0, 8]"),
+    ("range-skew-strength", {"feature-skew": "noise", "skew-strength": 0}, "skew-strength", 0.0,
+     "a scale in (0, 1]"),
+    ("range-distribution-nodes", {"partitioner": "distribution"}, "num-nodes", 8,
+     "a multiple of the 10 classes for partitioner=distribution"),
+    ("range-exponential", {"partitioner": "exponential"}, "partitioner", None,
+     "a feasible partitioning"),
+    ("range-natural-id-nodes", {"partitioner": "natural-id", "partition-by": "label"},
+     "num-nodes", 8, "10, the number of partitions partitioner=natural-id makes"),
+    ("no-natural-id-column", {"partitioner": "natural-id"}, "partition-by", "auto",
+     "is among the dataset's columns (image, label)"),
+    ("unknown-partition-by", {"partitioner": "natural-id", "partition-by": "writer_id"},
+     "partition-by", None, "a column of the dataset: image, label"),
+    ("placement-complete", {"placement": "clustered", "topology": "complete"}, "placement", None,
+     "every node neighbours every other"),
+    ("placement-fedavg", {"placement": "spread", "strategy": "fedavg"}, "placement", None,
+     "random with strategy=fedavg"),
+    ("placement-random-matching",
+     {"placement": "clustered", "topology": "random-matching", "num-rounds": 10},
+     "placement", None, "random with topology=random-matching"),
+    ("missing-partition-file", {"partitioner": "./no/such/partition.json"}, "partitioner", None,
+     "naming an existing file"),
+    ("partition-json-overlap", {"partitioner": f"{F}/overlap.json"}, "partitioner", None,
+     "disjoint partitions"),
+    ("partition-json-range", {"partitioner": f"{F}/out-of-range.json"}, "partitioner", None,
+     "training-row indices in [0, 1436]"),
+    ("partition-json-count", {"partitioner": f"{F}/three-nodes.json"}, "partitioner", None,
+     "num-nodes=8 lists (it holds 3)"),
+    ("partition-class-missing", {"partitioner": f"{F}/parts.py:NoSuchClass"}, "partitioner",
+     None, "its Partitioner subclasses: Halves"),
+    ("partition-class-type", {"partitioner": f"{F}/parts.py:NotAPartitioner"}, "partitioner",
+     None, "a subclass of flwr_datasets.partitioner.Partitioner"),
+    ("partition-class-count", {"partitioner": f"{F}/parts.py:Halves"}, "partitioner", None,
+     "a partitioner of num-nodes=8 partitions (it has 2)"),
 ]  # fmt: skip
 
 BASE = {"num-rounds": 1, "depth": 1}  # anything wrongly accepted would stay short
@@ -160,6 +209,20 @@ def make_bad_files(folder: Path) -> Path:
     no_label.save_to_disk(str(folder / "no-label"))
     twenty = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(20)]})
     twenty.cast_column("image", image).save_to_disk(str(folder / "twenty"))
+    # partition files: rows shared by two nodes, a row past the 1437 training rows, 3 nodes' lists
+    eight = [[i] for i in range(8)]
+    (folder / "overlap.json").write_text(json.dumps([[0, 1], [1], *eight[2:]]))
+    (folder / "out-of-range.json").write_text(json.dumps([*eight[:7], [1437]]))
+    (folder / "three-nodes.json").write_text(json.dumps(eight[:3]))
+    (folder / "parts.py").write_text(
+        "from flwr_datasets.partitioner import Partitioner\n\n\n"
+        "class Halves(Partitioner):\n"
+        "    num_partitions = 2\n\n"
+        "    def load_partition(self, partition_id):\n"
+        "        return self.dataset.shard(2, partition_id)\n\n\n"
+        "class NotAPartitioner:\n"
+        "    pass\n"
+    )
     return folder
 
 

@@ -134,3 +134,13 @@ def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
     (round_dir(tmp_path, 3) / ".node-1.npz.x1y2").write_bytes(b"half")
     remove_temp_files(tmp_path)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["metrics.jsonl"]
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_with_that_keys_default(tmp_path):
+    older = {k: v for k, v in CONFIG.items() if k not in ("placement", "feature-skew")}
+    write_node_state(node_file(round_dir(tmp_path, 1), 0), None, None, None)
+    write_relay_state(round_dir(tmp_path, 1), {"round": 1}, {})
+    commit(tmp_path, 1, older)
+    assert load_latest(tmp_path, CONFIG).round == 1  # it ran with placement=random
+    with pytest.raises(ConfigError, match="placement: 'random' -> 'clustered'"):
+        load_latest(tmp_path, {**CONFIG, "placement": "clustered"})

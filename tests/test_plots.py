@@ -7,7 +7,7 @@ import pytest
 from synthetic import GROUPS, write_run
 
 from flower_p2p.config import ExperimentConfig
-from flower_p2p.data import label_histogram, load_data
+from flower_p2p.data import data_summary, label_histogram, load_data
 from flower_p2p.models import apply_finetune, create_model, get_params
 from flower_p2p.results import FINAL_DIR, node_params_path, write_json, write_params
 from sim.cli import main
@@ -136,6 +136,11 @@ def test_label_distribution_is_the_partitions_counts(tmp_path):
     expected = np.stack([label_histogram(p, bundle) for p in bundle.partitions])
     assert np.array_equal(cells, expected)
     assert len(fig.axes[0].texts) == 3 * 10  # every count written in its cell
+    side = fig.axes[1]  # heterogeneity next to the heatmap: sizes, entropies, edge TV
+    assert [b.get_width() for b in side.patches] == [len(p) for p in bundle.partitions]
+    assert all(t.get_text().startswith(" H=") for t in side.texts)
+    het = data_summary(c)["heterogeneity"]
+    assert f"edges {het['edge_tv']:.2f}" in side.get_title()
     central = write_run(tmp_path / "c", cfg(strategy="centralized"), ACCS)
     assert label_figure(load_run(central)) is None
 

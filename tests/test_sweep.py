@@ -97,6 +97,49 @@ def test_table_has_mean_and_std_over_seeds(tmp_path):
     assert csv[1] == "0.1,3/3,54.00 ± 2.00,49.00 ± 2.00,3.0 ± 0.0"
 
 
+PLACED = """
+[base]
+num-nodes = 8
+num-rounds = 2
+depth = 1
+img-size = 16
+alpha = 0.1
+"""
+
+
+def test_table_carries_edge_heterogeneity_and_the_plot_accuracy_against_it(tmp_path):
+    from sim.plots import plot_collection
+
+    class Placed(FakeRunner):
+        def __call__(self, cfg):
+            out = Path(cfg.out_dir)
+            acc = {"clustered": 0.5, "random": 0.6, "spread": 0.7}.get(cfg.placement, 0.9)
+            return write_run(out, cfg, [[0.1] * 8, [acc] * 8], heterogeneity=True)
+
+    path = sweep_file(tmp_path, 'placement = ["random", "clustered", "spread"]\n'
+                      "reference = true\n", base=PLACED)  # fmt: skip
+    out = run_sweep(path, plot=False, runner=Placed())
+    lines = (out / "sweep.md").read_text().strip().splitlines()
+    assert lines[0].endswith("| edge TV | edge / all-pairs TV | MB on the network per node |")
+    tv = {row.split("|")[1].strip(): float(row.split("|")[-4]) for row in lines[2:]}
+    assert tv["clustered"] < tv["random"] < tv["spread"]
+    assert len(list((out / "reference").iterdir())) == 1  # placement: one reference serves all
+    paths = plot_collection(out, per_run=False)
+    assert out / "plots" / "accuracy-vs-edge-tv.png" in paths
+
+
+def test_a_finished_run_from_before_a_key_existed_counts_as_that_keys_default(tmp_path):
+    path = sweep_file(tmp_path, "alpha = [0.1]\n")
+    out = run_sweep(path, plot=False, runner=FakeRunner())
+    config = out / "alpha=0.1,seed=0" / "config.json"
+    saved = json.loads(config.read_text())
+    del saved["config"]["placement"], saved["config"]["feature-skew"]  # an older run's config
+    config.write_text(json.dumps(saved))
+    again = FakeRunner()
+    run_sweep(path, plot=False, runner=again)
+    assert again.calls == []  # kept: it ran with placement=random, feature-skew=none
+
+
 def test_mean_std():
     assert mean_std([0.90, 0.92, 0.94]) == "92.00 ± 2.00"
     assert mean_std([0.9]) == "90.00"
