@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flower_p2p.checkpoint import node_file, read_node_state, write_node_state
@@ -25,6 +25,8 @@ app = ClientApp()
 
 # Keys of what a node keeps between rounds in its Context.state (never sent anywhere).
 STATE_PARAMS, STATE_ALGO, STATE_OPTIM = "node.params", "node.algo", "node.optim"
+# The experiment the relay configured this node for (see ``configure``).
+STATE_CONFIG = "node.config"
 
 
 def _partition_id(context: Context) -> int:
@@ -35,8 +37,35 @@ def _partition_id(context: Context) -> int:
 app.query()(identify)
 
 
+@app.query("configure")
+def configure(msg: Message, context: Context) -> Message:
+    """The relay names the experiment this node now takes part in; a new one starts afresh.
+
+    One Flower run can hold several experiments one after another (``GossipStrategy``'s
+    ``configure_nodes``); each brings its run config and an id, and a node that moves on to a new
+    experiment forgets the last one's model, optimizer and algorithm state.
+    """
+    config = dict(msg.content.config_records["config"])
+    state = context.state
+    old = dict(state.config_records[STATE_CONFIG]) if STATE_CONFIG in state else {}
+    if old.get("experiment") != config["experiment"]:
+        for key in (STATE_PARAMS, STATE_ALGO, STATE_OPTIM):
+            state.pop(key, None)
+        state[STATE_CONFIG] = ConfigRecord(config)
+    return Message(RecordDict(), reply_to=msg)
+
+
+def _config(context: Context) -> ExperimentConfig:
+    """The experiment's config: the one the relay configured, else the Flower run's."""
+    if STATE_CONFIG in context.state:
+        stored = dict(context.state.config_records[STATE_CONFIG])
+        stored.pop("experiment")
+        return ExperimentConfig.from_run_config(stored)
+    return ExperimentConfig.from_run_config(dict(context.run_config))
+
+
 def _step(msg: Message, context: Context, train: bool) -> Message:
-    cfg = ExperimentConfig.from_run_config(dict(context.run_config))
+    cfg = _config(context)
     node = _partition_id(context)
     rt = node_runtime(cfg, node)
     algo = algorithm_for(cfg)

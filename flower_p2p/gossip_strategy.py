@@ -24,6 +24,7 @@ every ``checkpoint-every`` rounds, a checkpoint (``start(..., resume=...)`` cont
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -102,10 +103,10 @@ def round_message(
     return Message(content, dst_node_id=node_id, message_type=kind, group_id=str(rnd))
 
 
-def ask_every_node(grid: Grid, node_ids: dict[int, int], action: str, path: Path) -> list[str]:
-    """Send a ``query.<action>`` naming ``path`` to every node; the errors of those that failed."""
+def ask_every_node(grid: Grid, node_ids: dict[int, int], action: str, config: dict) -> list[str]:
+    """Send a ``query.<action>`` with ``config`` to every node; the errors of those that failed."""
     msgs = [
-        Message(RecordDict({"config": ConfigRecord({"path": str(path)})}), dst_node_id=nid,
+        Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=nid,
                 message_type=f"{MessageType.QUERY}.{action}")
         for nid in node_ids.values()
     ]  # fmt: skip
@@ -124,11 +125,16 @@ class GossipStrategy(Strategy):
 
     ``cfg`` names the nodes, graph, algorithm and faults (``ExperimentConfig``; another app sets
     the keys it needs, e.g. ``num_nodes``, ``topology``, ``strategy``, and leaves the rest).
-    ``out``: the results folder (None: keep everything in memory only).
+    ``out``: the results folder (None: keep everything in memory only). ``configure_nodes``:
+    first send every node the run config in a ``query.configure`` (the project's ClientApp
+    answers it), so that one Flower run can hold several experiments one after another, each
+    starting from a clean node state.
     """
 
-    def __init__(self, cfg: ExperimentConfig, out: Path | None = None) -> None:
-        self.cfg, self.out = cfg, out
+    def __init__(
+        self, cfg: ExperimentConfig, out: Path | None = None, configure_nodes: bool = False
+    ) -> None:
+        self.cfg, self.out, self.configure_nodes = cfg, out, configure_nodes
         self.network = Network(cfg, algorithm_for(cfg))
         self.nodes = self.network.nodes
         self.rec = Recorder(out)
@@ -261,6 +267,11 @@ class GossipStrategy(Strategy):
         self.summary()
         self.node_ids = discover_nodes(grid, self.nodes)
         self.pid_of = {nid: pid for pid, nid in self.node_ids.items()}
+        if self.configure_nodes:
+            experiment = {"experiment": uuid.uuid4().hex, **self.cfg.to_run_config()}
+            errors = ask_every_node(grid, self.node_ids, "configure", experiment)
+            if errors:
+                raise RuntimeError(f"could not configure the nodes: {'; '.join(errors)}")
         first = self._restore(grid, resume) if resume is not None else 1
         result = Result()
         for rnd in range(first, self.cfg.num_rounds + 1):
@@ -290,7 +301,7 @@ class GossipStrategy(Strategy):
         if self.out is None:
             return
         folder = round_dir(self.out, rnd)
-        errors = ask_every_node(grid, self.node_ids, "checkpoint", folder)
+        errors = ask_every_node(grid, self.node_ids, "checkpoint", {"path": str(folder)})
         if errors:
             log(WARNING, "checkpoint after round %d skipped: %s", rnd, "; ".join(errors))
             return
@@ -305,7 +316,7 @@ class GossipStrategy(Strategy):
 
     def _restore(self, grid: Grid, resumed: Checkpoint) -> int:
         """Continue from a checkpoint: the nodes restore theirs; returns the next round."""
-        errors = ask_every_node(grid, self.node_ids, "restore", resumed.folder)
+        errors = ask_every_node(grid, self.node_ids, "restore", {"path": str(resumed.folder)})
         if errors:
             raise RuntimeError(f"could not restore {resumed.folder}: {'; '.join(errors)}")
         state = resumed.relay

@@ -84,7 +84,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
         remove_temp_files(out)
     log(INFO, "flower-p2p: strategy=%s, %d nodes, results in %s", cfg.strategy, cfg.num_nodes, out)
     log(INFO, "frozen-prefix cache %s", cache)
-    strategy = GossipStrategy(cfg, out)
+    strategy = GossipStrategy(cfg, out, configure_nodes=True)
     strategy.start(grid, ArrayRecord(), cfg.num_rounds, resume=resumed)
     summary = {**summarize(cfg, strategy.rec, strategy.traffic, strategy.elapsed()),
                "prefix_cache": cache, "faults": strategy.faults.to_dict(),

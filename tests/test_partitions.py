@@ -368,16 +368,15 @@ def test_prefix_cache_with_feature_skew_caches_each_nodes_own_domain_copy():
 # ---- one Flower run: the user's class loaded in the simulation's workers, placed, skewed -------
 
 
-def test_flower_run_with_a_user_class_placement_and_feature_skew(user_files, tmp_path):
-    from sim.engine import run_experiment
+def test_flower_run_with_a_user_class_placement_and_feature_skew(small_runs):
+    from small_runs import case_config
+
     from sim.runs import load_run
 
-    spec = f"{user_files}/parts.py:EveryKth"
-    cfg = ExperimentConfig(num_nodes=4, num_rounds=2, depth=1, img_size=16, eval_every=1,
-                           partitioner=spec, placement="spread", feature_skew="mixed",
-                           out_dir=str(tmp_path / "run"))  # fmt: skip
-    run = load_run(run_experiment(cfg))
-    last = [m for m in run.metrics if m["round"] == 2]
+    # tests/every_kth_partitioner.py:EveryKth, spread placement, a noise shift per node
+    name = "dsgd-own-partition-skew"
+    run, cfg = load_run(small_runs(name)), case_config(name)
+    last = [m for m in run.metrics if m["round"] == cfg.num_rounds]
     assert len(last) == 4 and all(m["accuracy"] is not None for m in last)
     assert all(0 <= m["domain_accuracy"] <= 1 for m in last)  # each node on its own domain
     summary, expected = run.summary, data_summary(cfg)
