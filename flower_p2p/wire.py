@@ -13,6 +13,8 @@ Node -> server reply content:
                   relayed to any node)
 Server -> node ``query.checkpoint`` / ``query.restore``: ``config`` ConfigRecord with the
 checkpoint folder ``path`` the node writes its state to / reads it from.
+Server -> node ``query.configure``: ``config`` ConfigRecord with the experiment's run config and
+an ``experiment`` id; a node moving on to a new experiment starts from a clean state.
 """
 
 from __future__ import annotations

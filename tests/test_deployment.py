@@ -346,9 +346,10 @@ def test_real_superlink_and_three_supernodes(federation, tmp_path, tiny_sim_run)
     # byte for byte (same config and seed, same metrics.jsonl, whichever engine runs it).
     assert metrics == read_jsonl(sim_out / "metrics.jsonl")
     assert (out / "metrics.jsonl").read_bytes() == (sim_out / "metrics.jsonl").read_bytes()
-    # Each SuperNode ran its ClientApp for its own partition (one query + 2 train + 1 evaluate).
+    # Each SuperNode ran its ClientApp for its own partition (who it is, the experiment's
+    # config, 2 train, 1 evaluate).
     for p in range(3):
-        assert fed.log(f"supernode{p}").count("Start `flwr-clientapp` process") == 4
+        assert fed.log(f"supernode{p}").count("Start `flwr-clientapp` process") == 5
     survivors = fed.stop()
     assert not survivors, f"processes left behind: {survivors}"
 
