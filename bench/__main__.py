@@ -4,7 +4,9 @@
    single-process loop (time ratio; same nodes, steps, mixing, same final accuracy);
 2. head-only and last-k fine-tuning without vs with the frozen-prefix cache (time ratio);
 3. training throughput of the default model vs the machine's fp32 matmul rate;
-4. wall time per round and peak memory of the process tree at 8, 16, 32, 64 head-only nodes.
+4. wall time per round and peak memory of the process tree at 8, 16, 32, 64 head-only nodes;
+5. the memory one more node costs a process that serves nodes one after another (a ClientApp
+   actor), full fine-tuning of a 22 M-parameter ViT-S: nodes share the process's model.
 
 ``--quick`` runs tiny versions (a smoke check that everything still executes, not a measurement);
 ``--only 1 3`` runs a subset. Results are printed and written as Markdown (``--out``).
@@ -27,6 +29,7 @@ FULL = {
     "scaling": ["finetune=head", "num-rounds=5"],
     "nodes": [8, 16, 32, 64],
     "seconds": 10.0,
+    "node-memory": (["model=vit_small_patch16_224", "depth=0"], 8),
 }
 QUICK = {
     "experiment": ["num-nodes=3", "num-rounds=2", "depth=1", "eval-every=1"],
@@ -35,6 +38,7 @@ QUICK = {
     "scaling": ["finetune=head", "num-rounds=2", "depth=1"],
     "nodes": [4],
     "seconds": 1.0,
+    "node-memory": (["depth=1"], 3),
 }
 
 
@@ -89,6 +93,18 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
                 f"{'< 4 GiB' if big else '–'} | "
                 f"{('yes' if row['peak_gib'] < 4 else 'no') if big else '–'} |"
             )
+    if 5 in only:
+        overrides, nodes = settings["node-memory"]
+        r = raw[5] = cases.node_memory(overrides, nodes)
+        # a node's own copy of its trainable parameters, let alone gradients, would exceed this
+        goal = r["trainable_mib"] / 4
+        rows.append(
+            f"| 5 | memory one more node costs a process ({' '.join(overrides)}, full "
+            f"fine-tuning, {r['trainable_mib']:.1f} MiB of trainable parameters; resident "
+            f"{r['rss_first_mib']:.0f} MiB after 1 node, {r['rss_last_mib']:.0f} MiB after "
+            f"{nodes}) | {r['per_node_mib']:.1f} MiB/node | < {goal:.1f} MiB | "
+            f"{'yes' if r['per_node_mib'] < goal else 'no'} |"
+        )
     return rows, raw
 
 
@@ -100,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check")
-    parser.add_argument("--only", type=int, nargs="+", choices=[1, 2, 3, 4], default=[1, 2, 3, 4])
+    parser.add_argument(
+        "--only", type=int, nargs="+", choices=[1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5]
+    )
     parser.add_argument("--nodes", type=int, nargs="+", help="node counts of measurement 4")
     parser.add_argument("--out", default=None, help="Markdown file (default bench/results.md; "
                         "none with --quick)")  # fmt: skip

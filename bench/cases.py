@@ -1,4 +1,4 @@
-"""The four measurements. Each returns a dict of figures; commands run as subprocesses.
+"""The five measurements. Each returns a dict of figures; commands run as subprocesses.
 
 Every experiment runs as its own command (``python -m sim run`` or ``python -m bench.plain``), so
 wall times include what a user waits for and peak memory covers exactly one run's process tree.
@@ -146,3 +146,9 @@ def scaling(overrides: list[str], nodes: list[int]) -> list[dict]:
             "prefix_cache": run["prefix_cache"],
         })  # fmt: skip
     return rows
+
+
+def node_memory(overrides: list[str], nodes: int) -> dict:
+    """Measurement 5: resident memory one more node costs a process that serves nodes in turn."""
+    _, out, _ = run_command(["-m", "bench.node_memory", *overrides, f"nodes={nodes}"])
+    return json.loads(out.strip().splitlines()[-1])

@@ -1,8 +1,8 @@
 """One node's work in one round, independent of how messages travel.
 
-``NodeRuntime`` holds what a node rebuilds rather than sends (model skeleton, preprocessed data);
-``run_round`` is the whole round: combine with the inbox, evaluate, train locally, produce the
-outgoing message. The ClientApp and any plain single-process loop call the same function.
+``NodeRuntime`` holds what a node rebuilds rather than sends (the process's model, preprocessed
+data); ``run_round`` is the whole round: combine with the inbox, evaluate, train locally, produce
+the outgoing message. The ClientApp and any plain single-process loop call the same function.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ __all__ = ["CENTRALIZED_NODE", "NodeRuntime", "RoundResult", "algorithm_for", "m
 
 
 class NodeRuntime:
-    """Model skeleton and preprocessed tensors of one node (the centralized reference: all data).
+    """The model a node computes with and its preprocessed tensors (centralized: all data).
+
+    ``model`` is shared by the nodes of a process (see ``node_model``): a node's own parameters
+    are written into it at the start of every round.
 
     ``net`` is what training and evaluation call; with the frozen-prefix cache on it takes the
     prefix's activations, and ``train_x``/``test_x`` hold those activations instead of images.
@@ -59,9 +62,10 @@ class NodeRuntime:
         self.device = pick_device()
         bundle = load_data(cfg)
         self.num_classes = bundle.num_classes
-        self.model, self.trainable = node_model(cfg, bundle.num_classes, self.device)
+        self.model, self.trainable, self.initial_params = node_model(
+            cfg, bundle.num_classes, self.device
+        )
         self.shared = shared_names(self.trainable, cfg)
-        self.initial_params = get_params(self.model, self.trainable)
         norm = data_config(self.model)
         self.train_x, self.train_y = _train_tensors(cfg, bundle, node, norm)
         # The classes this node trains on; test samples of the others are its "unseen" ones.
@@ -106,27 +110,45 @@ class NodeRuntime:
         return opt
 
 
-_TEMPLATES: dict[tuple, tuple[torch.nn.Module, list[str]]] = {}
+_TEMPLATES: dict[tuple, tuple[torch.nn.Module, list[str], Params]] = {}
 
 
 def node_model(
     cfg: ExperimentConfig, num_classes: int, device: torch.device
-) -> tuple[torch.nn.Module, list[str]]:
-    """A node's model and trainable names; frozen weights are shared by the nodes of a process.
+) -> tuple[torch.nn.Module, list[str], Params]:
+    """The model a node of this process computes with, its trainable names and their start values.
 
-    Every node starts from the same weights (same seed or checkpoint) and never changes its
-    frozen ones, so one process keeps one copy of them (64 nodes of head-only fine-tuning hold
-    one backbone, not 64). Each node gets its own trainable parameters. This is a memory
-    optimisation only: nothing a node learns is shared, and each process builds its own copy.
+    Nodes that run one after another in a process share one model: ``run_round`` writes a node's
+    own trainable parameters into it before it combines, evaluates or trains, and reads them back
+    after, so what a node learns lives in its state (``Context.state``), never in the model. A
+    process that serves 100 nodes therefore holds one model and one set of gradients, not 100
+    (``python -m bench --only 5`` measures what a node still costs). Every node starts from the
+    same weights (same seed or checkpoint), returned as the third item, copied when the model is
+    built so that no node's training can change them. A model whose forward pass in training
+    changes state outside its parameters (BatchNorm's running statistics) gets a copy per node,
+    its frozen weights still shared.
     """
     key = (cfg, num_classes, prefix_cache.checkpoint_fingerprint(cfg), str(device))
     if key not in _TEMPLATES:
         _TEMPLATES.clear()  # one config at a time per process
         model, trainable = apply_finetune(create_model(cfg, num_classes), cfg)
-        _TEMPLATES[key] = (model.to(device), trainable)
-    template, trainable = _TEMPLATES[key]
+        model = model.to(device)
+        _TEMPLATES[key] = (model, trainable, get_params(model, trainable))
+    template, trainable, initial = _TEMPLATES[key]
+    if not _trains_buffers(template):
+        return template, list(trainable), initial
     frozen = {id(p): p for p in template.parameters() if not p.requires_grad}
-    return copy.deepcopy(template, memo=dict(frozen)), list(trainable)
+    model = copy.deepcopy(template, memo=dict(frozen))
+    set_params(model, initial)
+    return model, list(trainable), initial
+
+
+def _trains_buffers(model: torch.nn.Module) -> bool:
+    """True when training mode updates buffers (running statistics), which no state carries."""
+    return any(
+        isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for m in model.modules()
+    )
 
 
 def _train_tensors(
@@ -247,8 +269,8 @@ def run_round(
     With ``train=False`` (the final evaluation) no training happens and nothing is sent. A
     straggler gets ``steps_fraction < 1`` and takes that fraction of its local steps.
     """
-    if params is None:
-        params = rt.initial_params
+    if params is None:  # a copy: the start values are shared by every node of the process
+        params = {k: v.copy() for k, v in rt.initial_params.items()}
     # Only the shared groups go through the algorithm; the others never leave the node.
     shared = {k: params[k] for k in rt.shared}
     if state is None:

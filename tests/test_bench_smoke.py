@@ -1,9 +1,9 @@
 """``python -m bench --quick`` still executes (no timing is asserted).
 
 In the suite: measurement 1 (the Flower engine against the plain loop, whose final accuracies
-must agree) and 3 (throughput); 2 and 4 run the same two runners (``bench.cases.plain_run``,
-``flower_run``) at other settings and cost two more minutes on 2 cores, so all four run only
-with ``FLOWER_P2P_SLOW=1``.
+must agree), 3 (throughput) and 5 (memory per node); 2 and 4 run the same two runners
+(``bench.cases.plain_run``, ``flower_run``) at other settings and cost two more minutes on 2
+cores, so all five run only with ``FLOWER_P2P_SLOW=1``.
 """
 
 import os
@@ -27,14 +27,14 @@ def _bench(out: Path, only: list[str]) -> str:
     return out.read_text()
 
 
-@pytest.mark.parametrize("only", [["1", "2", "3", "4"] if ALL else ["1", "3"]])
+@pytest.mark.parametrize("only", [["1", "2", "3", "4", "5"] if ALL else ["1", "3", "5"]])
 def test_bench_quick_prints_its_measurements(tmp_path, only):
     text = _bench(tmp_path / "results.md", only)
     assert text.startswith("Machine: ") and "cores" in text
-    rows = [line for line in text.splitlines() if re.match(r"\| [1-4] \|", line)]
+    rows = [line for line in text.splitlines() if re.match(r"\| [1-5] \|", line)]
     assert sorted({row[2] for row in rows}) == only
-    # every row carries a measured figure: a ratio, a percentage or seconds and GiB
-    assert all(re.search(r"\| [\d.]+(×| %| s/round)", row) for row in rows), rows
+    # every row carries a measured figure: a ratio, a percentage, seconds and GiB, or MiB/node
+    assert all(re.search(r"\| -?[\d.]+(×| %| s/round| MiB/node)", row) for row in rows), rows
     # the engine and the plain loop train the same models (exactly: the suite's end-to-end tests
     # check that for every strategy); at this size even the thread counts do not change a bit
     assert re.search(r"final mean accuracy (0\.\d{4}) / \1, same: yes", text), text
