@@ -244,49 +244,51 @@ def size_weights(spec: str, num_nodes: int, sigma: float, seed: int) -> np.ndarr
     return weights
 
 
-class SizedBy(Partitioner):
-    """flwr-datasets' ``SizePartitioner`` with sizes from ``node-sizes`` over the whole dataset."""
+class _SizedLazily(Partitioner):
+    """A flwr-datasets partitioner built on first use, its node sizes drawn from ``node-sizes``.
+
+    The sizes depend on the dataset's length, known only once the dataset is attached.
+    """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__()
         self._cfg = cfg
-        self._inner: SizePartitioner | None = None
+        self._inner: Partitioner | None = None
 
     @property
     def num_partitions(self) -> int:
         """Number of partitions (nodes)."""
         return self._cfg.num_nodes
+
+    def _build(self, sizes: list[int]) -> Partitioner:
+        raise NotImplementedError
 
     def load_partition(self, partition_id: int):  # -> datasets.Dataset
         """Partition ``partition_id`` of the sizes the law gives for this dataset."""
         if self._inner is None:
             c = self._cfg
             sizes = node_sizes(c.node_sizes, c.num_nodes, len(self.dataset), c.sigma, c.seed)
-            self._inner = SizePartitioner(sizes)
+            self._inner = self._build(sizes)
             self._inner.dataset = self.dataset
         return self._inner.load_partition(partition_id)
 
 
-class SizedInnerDirichlet(Partitioner):
-    """flwr-datasets' ``InnerDirichletPartitioner`` with sizes from ``node-sizes``."""
+class SizedBy(_SizedLazily):
+    """flwr-datasets' ``SizePartitioner`` with sizes from ``node-sizes`` over the whole dataset."""
+
+    def _build(self, sizes: list[int]) -> Partitioner:
+        return SizePartitioner(sizes)
+
+
+class SizedInnerDirichlet(_SizedLazily):
+    """flwr-datasets' ``InnerDirichletPartitioner``: sizes from ``node-sizes``, labels Dirichlet."""
 
     def __init__(self, cfg: ExperimentConfig, label: str) -> None:
-        super().__init__()
-        self._cfg, self._label = cfg, label
-        self._inner: InnerDirichletPartitioner | None = None
+        super().__init__(cfg)
+        self._label = label
 
-    @property
-    def num_partitions(self) -> int:
-        """Number of partitions (nodes)."""
-        return self._cfg.num_nodes
-
-    def load_partition(self, partition_id: int):  # -> datasets.Dataset
-        """Partition ``partition_id``: its size from the law, its labels from Dirichlet(alpha)."""
-        if self._inner is None:
-            c = self._cfg
-            sizes = node_sizes(c.node_sizes, c.num_nodes, len(self.dataset), c.sigma, c.seed)
-            self._inner = InnerDirichletPartitioner(
-                partition_sizes=sizes, partition_by=self._label, alpha=c.alpha, seed=c.seed
-            )
-            self._inner.dataset = self.dataset
-        return self._inner.load_partition(partition_id)
+    def _build(self, sizes: list[int]) -> Partitioner:
+        c = self._cfg
+        return InnerDirichletPartitioner(
+            partition_sizes=sizes, partition_by=self._label, alpha=c.alpha, seed=c.seed
+        )
