@@ -137,10 +137,9 @@ def node_model(
     template, trainable, initial = _TEMPLATES[key]
     if not _trains_buffers(template):
         return template, list(trainable), initial
+    # the template itself never trains on this path, so a copy starts at the start values
     frozen = {id(p): p for p in template.parameters() if not p.requires_grad}
-    model = copy.deepcopy(template, memo=dict(frozen))
-    set_params(model, initial)
-    return model, list(trainable), initial
+    return copy.deepcopy(template, memo=dict(frozen)), list(trainable), initial
 
 
 def _trains_buffers(model: torch.nn.Module) -> bool:
