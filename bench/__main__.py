@@ -4,9 +4,11 @@
    single-process loop (time ratio; same nodes, steps, mixing, same final accuracy);
 2. head-only and last-k fine-tuning without vs with the frozen-prefix cache (time ratio);
 3. training throughput of the default model vs the machine's fp32 matmul rate;
-4. wall time per round and peak memory of the process tree at 8, 16, 32, 64 head-only nodes;
+4. wall time per round and peak memory of the process tree at 64 to 1,024 head-only nodes;
 5. the memory one more node costs a process that serves nodes one after another (a ClientApp
-   actor), full fine-tuning of a 22 M-parameter ViT-S: nodes share the process's model.
+   actor), full fine-tuning of a 22 M-parameter ViT-S: nodes share the process's model;
+6. the memory estimate runs are admitted on (``flower_p2p.memory``) against the peaks they
+   reached: driver, largest actor and the whole process tree.
 
 ``--quick`` runs tiny versions (a smoke check that everything still executes, not a measurement);
 ``--only 1 3`` runs a subset. Results are printed and written as Markdown (``--out``).
@@ -26,10 +28,18 @@ FULL = {
     "experiment": [],  # the default experiment: pyproject's run config, 90 rounds
     "cache": ["num-rounds=30"],
     "throughput": [],
-    "scaling": ["finetune=head", "num-rounds=5"],
-    "nodes": [8, 16, 32, 64],
+    # glyphs: 10,080 training images, ~10 a node at 1,024 nodes (digits has 1,437)
+    "scaling": ["finetune=head", "dataset=glyphs", "partitioner=iid", "num-rounds=20"],
+    "nodes": [64, 128, 256, 512, 1024],
     "seconds": 10.0,
     "node-memory": (["model=vit_small_patch16_224", "depth=0"], 8),
+    "memory": [
+        ["num-rounds=3"],
+        ["num-rounds=3", "strategy=k-gt"],
+        ["num-rounds=3", "model=vit_small_patch16_224", "depth=12"],
+        ["num-rounds=3", "model=vit_small_patch16_224", "depth=12", "num-nodes=16"],
+        ["num-rounds=2", "finetune=head", "dataset=glyphs", "partitioner=iid", "num-nodes=256"],
+    ],
 }
 QUICK = {
     "experiment": ["num-nodes=3", "num-rounds=2", "depth=1", "eval-every=1"],
@@ -39,6 +49,7 @@ QUICK = {
     "nodes": [4],
     "seconds": 1.0,
     "node-memory": (["depth=1"], 3),
+    "memory": [["num-nodes=3", "num-rounds=2", "depth=1"]],
 }
 
 
@@ -83,15 +94,20 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
         )
     if 4 in only:
         r = raw[4] = cases.scaling(settings["scaling"], settings["nodes"])
+        base = r[0]["round_s"] / r[0]["nodes"]
         for row in r:
-            big = row["nodes"] == max(settings["nodes"])
+            big = row["nodes"] == max(settings["nodes"]) and row["nodes"] >= 1024
+            per = row["round_s"] / row["nodes"]
+            met = row["round_s"] <= 5 and row["peak_gib"] < 6 and per / base <= 1.2
             rows.append(
-                f"| 4 | {row['nodes']} head-only nodes: wall per round (median, rounds 2..R), "
-                f"peak memory (PSS) of the process tree (RSS sum {row['peak_rss_gib']:.2f} GiB; "
-                f"whole command {row['command_s']:.0f} s) | "
-                f"{row['round_s']:.2f} s/round, {row['peak_gib']:.2f} GiB | "
-                f"{'< 4 GiB' if big else '–'} | "
-                f"{('yes' if row['peak_gib'] < 4 else 'no') if big else '–'} |"
+                f"| 4 | {row['nodes']} head-only nodes ({' '.join(settings['scaling'])}): wall "
+                f"per round (median, rounds 2..R), peak memory (PSS) of the process tree (RSS sum "
+                f"{row['peak_rss_gib']:.2f} GiB); {1000 * per:.1f} ms per node-round = "
+                f"{per / base:.2f}× the {r[0]['nodes']}-node cost; round 1 (building every node) "
+                f"ended {row['first_round_s']:.0f} s after the relay started, whole command "
+                f"{row['command_s']:.0f} s | {row['round_s']:.2f} s/round, "
+                f"{row['peak_gib']:.2f} GiB | {'≤ 5 s, < 6 GiB, ≤ 1.2×' if big else '–'} | "
+                f"{('yes' if met else 'no') if big else '–'} |"
             )
     if 5 in only:
         overrides, nodes = settings["node-memory"]
@@ -105,6 +121,21 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
             f"{nodes}) | {r['per_node_mib']:.1f} MiB/node | < {goal:.1f} MiB | "
             f"{'yes' if r['per_node_mib'] < goal else 'no'} |"
         )
+    if 6 in only:
+        for r in cases.memory_estimate(settings["memory"]):
+            raw.setdefault(6, []).append(r)
+            if "refused" in r:
+                rows.append(f"| 6 | {' '.join(r['overrides'])}: refused before training "
+                            f"({r['refused']}) | – | – | – |")  # fmt: skip
+                continue
+            est = r["estimate"]
+            rows.append(
+                f"| 6 | memory estimate / measured peak PSS, {' '.join(r['overrides'])}: "
+                f"{est['total_gib']:.2f} / {r['measured_gib']:.2f} GiB (driver "
+                f"{est['driver_gib']:.2f} / {r['driver_gib']:.2f}, largest actor "
+                f"{est['actor_gib']:.2f} / {r['actor_gib']:.2f}; {r['command_s']:.0f} s) | "
+                f"{r['ratio']:.2f}× | ≥ 1× | {'yes' if r['ratio'] >= 1 else 'no'} |"
+            )
     return rows, raw
 
 
@@ -117,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke check")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=[1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5]
+        "--only", type=int, nargs="+", choices=[1, 2, 3, 4, 5, 6], default=[1, 2, 3, 4, 5, 6]
     )
     parser.add_argument("--nodes", type=int, nargs="+", help="node counts of measurement 4")
     parser.add_argument("--out", default=None, help="Markdown file (default bench/results.md; "

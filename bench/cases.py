@@ -1,4 +1,4 @@
-"""The five measurements. Each returns a dict of figures; commands run as subprocesses.
+"""The six measurements. Each returns a dict of figures; commands run as subprocesses.
 
 Every experiment runs as its own command (``python -m sim run`` or ``python -m bench.plain``), so
 wall times include what a user waits for and peak memory covers exactly one run's process tree.
@@ -43,6 +43,7 @@ def flower_run(overrides: list[str]) -> dict:
         "command_s": wall,
         # rounds 2..R: round 1 also builds every node's model and data in the Ray actors
         "rounds_s": walls[-1] - walls[0],
+        "first_round_s": walls[0],  # the relay's start to round 1's end: building every node
         "round_s": [b - a for a, b in zip(walls, walls[1:], strict=False)],
         "final_mean": summary["accuracy_mean"],
         "prefix_cache": summary.get("prefix_cache", ""),
@@ -140,6 +141,7 @@ def scaling(overrides: list[str], nodes: list[int]) -> list[dict]:
             "nodes": n,
             "round_s": statistics.median(rounds) if rounds else float("nan"),
             "command_s": run["command_s"],
+            "first_round_s": run["first_round_s"],
             "peak_gib": run["peak_gib"],
             "peak_rss_gib": run["peak_rss_gib"],
             "peak_processes": run["peak_processes"],
@@ -152,3 +154,33 @@ def node_memory(overrides: list[str], nodes: int) -> dict:
     """Measurement 5: resident memory one more node costs a process that serves nodes in turn."""
     _, out, _ = run_command(["-m", "bench.node_memory", *overrides, f"nodes={nodes}"])
     return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_estimate(runs: list[list[str]]) -> list[dict]:
+    """Measurement 6: the memory estimate a run is admitted on vs the peaks it reached.
+
+    A run the estimate refuses on this machine now is recorded as refused, not measured.
+    """
+    rows = []
+    for overrides in runs:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            try:
+                wall, _, mem = run_command(["-m", "sim", "run", *overrides, f"out-dir={tmp}/run"])
+            except RuntimeError as err:
+                if "a run that fits in memory" not in str(err):
+                    raise
+                rows.append({"overrides": overrides, "refused": str(err).rsplit("error: ", 1)[-1]})
+                continue
+            summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+        est = summary["memory_estimate"]
+        rows.append({
+            "overrides": overrides,
+            "command_s": wall,
+            "estimate": est,
+            "measured_gib": mem.peak_bytes / 2**30,
+            "driver_gib": mem.root_peak() / 2**30,
+            "actor_gib": mem.largest_peak("ray::ClientApp") / 2**30,
+            "ratio": est["total_gib"] / (mem.peak_bytes / 2**30),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)  # a long measurement: each run as it ends
+    return rows

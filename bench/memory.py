@@ -22,6 +22,8 @@ class PeakTreeRSS:
         self.pid, self.interval_s = pid, interval_s
         self.peak_bytes = self.peak_rss_bytes = 0
         self.peak_processes: Counter = Counter()
+        # pid -> (short name, its own peak PSS): where the peak is, process by process
+        self.process_peaks: dict[int, tuple[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -43,14 +45,27 @@ class PeakTreeRSS:
         for proc in procs:
             try:
                 info = proc.memory_full_info()
-                total += getattr(info, "pss", info.rss)  # PSS is Linux-only
+                pss = getattr(info, "pss", info.rss)  # PSS is Linux-only
+                total += pss
                 rss += info.rss
-                names[_short_name(proc)] += 1
+                name = _short_name(proc)
+                names[name] += 1
+                _, before = self.process_peaks.get(proc.pid, (name, 0))
+                self.process_peaks[proc.pid] = (name, max(before, pss))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
         if total > self.peak_bytes:
             self.peak_bytes, self.peak_processes = total, names
+
+    def root_peak(self) -> int:
+        """The peak PSS of the command's own process (a simulation's driver)."""
+        return self.process_peaks.get(self.pid, ("", 0))[1]
+
+    def largest_peak(self, prefix: str) -> int:
+        """The largest peak PSS of the processes whose short name starts with ``prefix``."""
+        return max((b for n, b in self.process_peaks.values() if n.startswith(prefix)),
+                   default=0)  # fmt: skip
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -68,6 +68,7 @@ class ExperimentConfig:
     lora_alpha: int = 16
     prefix_cache: str = "auto"
     cache_max_mb: int = 1024
+    memory_limit_gb: float = 0.0
     local_epochs: int = 1
     local_steps: int = 2
     restricted_softmax: float = 1.0
@@ -206,6 +207,12 @@ class ExperimentConfig:
             )
         for key in ("last-k", "lora-rank", "lora-alpha", "cache-max-mb"):
             _positive(key, getattr(self, key.replace("-", "_")))
+        if not self.memory_limit_gb >= 0:  # also refuses NaN
+            raise ConfigError(
+                "memory-limit-gb",
+                self.memory_limit_gb,
+                "0 (what the machine has available) or a positive size in GiB",
+            )
         from flower_p2p.prefix_cache import check_mode
 
         check_mode(self.prefix_cache)

@@ -8,8 +8,9 @@ the outgoing message. The ClientApp and any plain single-process loop call the s
 from __future__ import annotations
 
 import copy
-import functools
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,11 @@ class NodeRuntime:
             if self.domain_test_x is not None:  # this node's alone, like its training images
                 self.domain_test_x = prefix_cache.activations(split, self.domain_test_x,
                                                               self.device)  # fmt: skip
+
+    def nbytes(self) -> int:
+        """Bytes this node holds alone: its data (the test set and model are the process's)."""
+        own = [self.train_x, self.train_y, self.domain_test_x]
+        return sum(t.untyped_storage().nbytes() for t in own if t is not None)
 
     def optimizer(self, saved: Params | None, rnd: int) -> torch.optim.Optimizer:
         """An optimizer over the trainable parameters at round ``rnd``'s learning rate.
@@ -190,17 +196,56 @@ def _test_tensors(
     return _TEST_TENSORS[key]
 
 
+# What a process keeps of the nodes it served: their preprocessed data. Ray hands any node to any
+# actor, so an actor serves every node in turn; a bound by count (an LRU of 128 runtimes) rebuilt
+# every node every round past 128 nodes per actor. A bound by bytes keeps every node of a
+# head-only run of 1,024 nodes (kilobytes each) and still caps 224-pixel images.
+RUNTIME_CACHE_BYTES = 1 << 30
+
+
+class RuntimeCache:
+    """Node runtimes of a process, the least recently used dropped past ``max_bytes`` of data."""
+
+    def __init__(self, max_bytes: int = RUNTIME_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[NodeRuntime, int]] = OrderedDict()
+        self.total_bytes = 0
+        self.built = 0  # runtimes built: more than the nodes served means the cache thrashes
+
+    def get(self, key: tuple, build: Callable[[], NodeRuntime]) -> NodeRuntime:
+        """The runtime cached under ``key``, built (and cached) if absent."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        rt = build()
+        self.built += 1
+        size = rt.nbytes()
+        self._items[key] = (rt, size)
+        self.total_bytes += size
+        while self.total_bytes > self.max_bytes and len(self._items) > 1:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.total_bytes -= dropped
+        return rt
+
+    def clear(self) -> None:
+        """Forget every runtime."""
+        self._items.clear()
+        self.total_bytes = self.built = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+RUNTIMES = RuntimeCache()
+
+
 def node_runtime(cfg: ExperimentConfig, node: int) -> NodeRuntime:
     """Per-process cache: a node's model and data are built once, not every round.
 
     A checkpoint file that changes on disk (size or mtime) gives a fresh runtime.
     """
-    return _node_runtime(cfg, node, prefix_cache.checkpoint_fingerprint(cfg))
-
-
-@functools.lru_cache(maxsize=128)
-def _node_runtime(cfg: ExperimentConfig, node: int, checkpoint: tuple) -> NodeRuntime:
-    return NodeRuntime(cfg, node)
+    key = (cfg, node, prefix_cache.checkpoint_fingerprint(cfg))
+    return RUNTIMES.get(key, lambda: NodeRuntime(cfg, node))
 
 
 @dataclass

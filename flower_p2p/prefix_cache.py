@@ -225,6 +225,7 @@ class CachePlan:
     split: PrefixSplit | None
     on: bool
     reason: str
+    bytes_per_image: int = 0  # of the cached activations, when on
 
     def network(self, model: nn.Module) -> nn.Module:
         """The module that training and evaluation call (see ``SplitNet``)."""
@@ -266,7 +267,10 @@ def plan(
             )
         return CachePlan(split, False, f"off: {why}")
     return CachePlan(
-        split, True, f"on: {split.cached} ({per_image} B per image, {need_mb:.1f} MB per node)"
+        split,
+        True,
+        f"on: {split.cached} ({per_image} B per image, {need_mb:.1f} MB per node)",
+        per_image,
     )
 
 

@@ -21,15 +21,19 @@ from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from flower_p2p.registry import ConfigError
 from flower_p2p.topology import (
+    DENSE_EIG_MAX,
     GRAPHS,
     MIXINGS,
     GraphParams,
     Topology,
     build_topology,
     graph_params,
+    sparse_matrix,
     topology_for,
 )
 
@@ -40,16 +44,16 @@ def _hops(n: int) -> list[int]:
     return [2**k for k in range(max(1, math.ceil(math.log2(n))))]
 
 
-def column_stochastic_uniform(g: nx.DiGraph) -> np.ndarray:
+def column_stochastic_uniform(g: nx.DiGraph) -> sp.csr_array:
     """W[i, j] = 1 / (out_degree(j) + 1) for every edge j -> i and for i = j."""
-    n = g.number_of_nodes()
-    w = np.zeros((n, n))
-    for j in range(n):
+    rows, cols, values = [], [], []
+    for j in range(g.number_of_nodes()):
         share = 1.0 / (g.out_degree(j) + 1)
-        w[j, j] = share
-        for i in g.successors(j):
-            w[i, j] = share
-    return w
+        for i in (j, *g.successors(j)):
+            rows.append(i)
+            cols.append(j)
+            values.append(share)
+    return sparse_matrix(g.number_of_nodes(), rows, cols, values)
 
 
 def directed_exponential_graph(n: int) -> nx.DiGraph:
@@ -119,11 +123,13 @@ def _relay_tree(spec: str, mixing: str, n: int, seed: int, params: GraphParams) 
 @functools.lru_cache(maxsize=8)
 def _complete(n: int) -> Topology:
     g = nx.complete_graph(n)
-    return Topology(graph=g, weights=np.full((n, n), 1.0 / n), name="complete", mixing="uniform")
+    everyone = np.arange(n)
+    w = sparse_matrix(n, np.repeat(everyone, n), np.tile(everyone, n), [1.0 / n] * (n * n))
+    return Topology(graph=g, weights=w, name="complete", mixing="uniform")
 
 
-# A dense n x n matrix per round: 8 MB at 1,024 nodes, so keep a handful (rounds are visited in
-# order; one period of the exponential schedules is at most 32 graphs up to 2^32 nodes).
+# Rounds are visited in order; one period of the exponential schedules is at most 32 graphs up to
+# 2^32 nodes. Each holds O(edges) weights.
 @functools.lru_cache(maxsize=32)
 def _scheduled(spec: str, mixing: str, n: int, seed: int, key: int) -> Topology:
     if spec == "directed-exponential":
@@ -184,31 +190,37 @@ def check_schedule(cfg, rounds: int | None = None) -> None:  # cfg: ExperimentCo
     if n < 2:
         raise ConfigError("num-nodes", n, f"at least 2 for topology={cfg.topology}")
     rounds = rounds or max(len(_hops(n)), min(cfg.num_rounds, 16))
-    union = nx.DiGraph()
-    union.add_nodes_from(range(n))
+    union = sp.csr_array((n, n))
     for rnd in range(1, rounds + 1):
         topo = topology_at(cfg, rnd)
         w = topo.weights
-        if (w < 0).any() or not np.allclose(w.sum(axis=0), 1.0):
+        columns, rows = (np.asarray(w.sum(axis=a)).ravel() for a in (0, 1))
+        if (w.data < 0).any() or not np.allclose(columns, 1.0):
             raise ConfigError("topology", cfg.topology, "column-stochastic weights every round")
-        if cfg.strategy != "push-sum" and not np.allclose(w.sum(axis=1), 1.0):
+        if cfg.strategy != "push-sum" and not np.allclose(rows, 1.0):
             raise ConfigError(
                 "strategy",
                 cfg.strategy,
                 f"push-sum on topology={cfg.topology} (not doubly stochastic)",
             )
-        union.add_edges_from(topo.graph.to_directed().edges)
-    if not nx.is_strongly_connected(union):
+        union = union + abs(w)  # W[i, j] != 0: j reaches i (both ways on undirected graphs)
+    # O(edges), where a networkx union graph of thousands of nodes took seconds per round
+    parts, _ = connected_components(union, directed=True, connection="strong")
+    if parts > 1:
         raise ConfigError(
             "topology", cfg.topology, f"a schedule whose first {rounds} rounds connect all nodes"
         )
 
 
 def period_spectral_gap(cfg) -> float | None:  # cfg: ExperimentConfig
-    """1 - |lambda_2| of the product of one period's matrices (None for random schedules)."""
+    """1 - |lambda_2| of the product of one period's matrices.
+
+    None for random schedules, and for exponential schedules past ``DENSE_EIG_MAX`` nodes (their
+    period's product is a dense n x n matrix).
+    """
     if not is_schedule(cfg.topology) or cfg.strategy == "fedavg":
         return topology_at(cfg, 1).spectral_gap
-    if cfg.topology == "random-matching":
+    if cfg.topology == "random-matching" or cfg.num_nodes > DENSE_EIG_MAX:
         return None
     period = 1 if cfg.topology == "directed-exponential" else len(_hops(cfg.num_nodes))
     product = np.eye(cfg.num_nodes)

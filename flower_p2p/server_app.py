@@ -10,6 +10,7 @@ summary and plots. Nothing here combines models.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from flower_p2p.checkpoint import (
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import data_summary, load_data
 from flower_p2p.gossip_strategy import GossipStrategy
+from flower_p2p.memory import MemoryEstimate, check_fits, estimate, max_in_degree
 from flower_p2p.models import apply_finetune, create_model, shared_names
 from flower_p2p.network import Traffic
 from flower_p2p.node import eval_copies
@@ -49,10 +51,20 @@ def main(grid: Grid, context: Context) -> None:
     run_experiment(grid, cfg)
 
 
-def preflight(cfg: ExperimentConfig) -> str:
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks before training decided: the frozen-prefix cache and the memory needed."""
+
+    cache: str  # the cache decision for the largest node, in words
+    memory: MemoryEstimate
+
+
+def preflight(cfg: ExperimentConfig, started: bool = False) -> Preflight:
     """Everything that can be wrong with the config, checked before any node trains.
 
-    Returns the frozen-prefix cache decision for the largest node, in words.
+    A run that would not fit in memory is refused here too (``memory.check_fits``). ``started``:
+    the run's processes (this one, Ray's, the actors) already run, so their base memory is
+    already out of what the machine has available.
     """
     if cfg.num_nodes >= 2:
         topology_at(cfg, 1)  # graph connectivity, mixing weights
@@ -62,18 +74,23 @@ def preflight(cfg: ExperimentConfig) -> str:
     shared_names(trainable, cfg)  # `share` names groups that train
     # prefix-cache=on where no prefix is frozen, or past cache-max-mb, is refused here
     sizes = [len(p) for p in bundle.partitions]
-    largest = sum(sizes) if cfg.strategy == "centralized" else max(sizes)
+    if cfg.strategy == "centralized":
+        sizes = [sum(sizes)]
     side = cfg.img_size or 224
     num_test = eval_copies(cfg) * len(bundle.test)  # feature skew: the node's domain copy too
-    return prefix_cache.plan(
-        cfg, model, trainable, largest, num_test, (3, side, side), torch.device("cpu")
-    ).reason
+    cache = prefix_cache.plan(
+        cfg, model, trainable, max(sizes), num_test, (3, side, side), torch.device("cpu")
+    )
+    per_sample = cache.bytes_per_image if cache.on else 4 * 3 * side * side
+    need = estimate(cfg, model, trainable, max_in_degree(cfg), sizes, num_test, per_sample)
+    check_fits(cfg, need, started=started)
+    return Preflight(cache.reason, need)
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     """Run every round through ``grid`` and write the results folder; returns its path."""
     out = resolve_out_dir(cfg.out_dir, cfg.strategy)
-    cache = preflight(cfg)
+    checked = preflight(cfg, started=True)
     resumed = open_out_dir(out, cfg.to_run_config(), cfg.resume, cfg.overwrite)
     if resumed is None:
         write_json(
@@ -83,11 +100,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     else:
         remove_temp_files(out)
     log(INFO, "flower-p2p: strategy=%s, %d nodes, results in %s", cfg.strategy, cfg.num_nodes, out)
-    log(INFO, "frozen-prefix cache %s", cache)
+    log(INFO, "frozen-prefix cache %s", checked.cache)
+    log(INFO, "memory: %s", checked.memory.describe())
     strategy = GossipStrategy(cfg, out, configure_nodes=True)
     strategy.start(grid, ArrayRecord(), cfg.num_rounds, resume=resumed)
     summary = {**summarize(cfg, strategy.rec, strategy.traffic, strategy.elapsed()),
-               "prefix_cache": cache, "faults": strategy.faults.to_dict(),
+               "prefix_cache": checked.cache,
+               "memory_estimate": checked.memory.summary(), "faults": strategy.faults.to_dict(),
                **data_summary(cfg)}  # fmt: skip
     write_json(out / "summary.json", summary)
     log(

@@ -51,6 +51,12 @@ CASES = [
      None, "8 nodes x 1 classes cannot cover all 10"),
     ("gossip-one-node", {"num-nodes": 1}, "num-nodes", None, "at least 2 for dsgd"),
     ("range-momentum", {"momentum": 1.0}, "momentum", None, "a momentum coefficient in [0, 1)"),
+    ("range-memory-limit", {"memory-limit-gb": -1}, "memory-limit-gb", -1.0,
+     "0 (what the machine has available) or a positive size in GiB"),
+    # a run that would not fit in memory, refused with the estimate instead of killed mid-run
+    ("memory-does-not-fit", {"model": "vit_small_patch16_224", "depth": 12, "num-nodes": 64,
+                             "memory-limit-gb": 8}, "num-nodes", None,
+     "a run that fits in memory: this one needs about"),
     # combinations that would compute garbage, refused with the reason
     ("choco-lost-messages", {"strategy": "choco", "link-drop": 0.1}, "link-drop", None,
      "0 with strategy=choco"),

@@ -43,7 +43,7 @@ def test_another_app_adopts_gossip_and_computes_the_reference(tmp_path, strategy
         return {"x": local_step(node, params["x"], N)}
 
     reference = run_gossip(create_strategy(strategy, num_nodes=N),
-                           lambda t: topology_at(cfg, t + 1).weights, step,
+                           lambda t: topology_at(cfg, t + 1).dense(), step,
                            {"x": np.zeros(DIM)}, ROUNDS)  # fmt: skip
     for got, want in zip(flower, reference, strict=True):
         np.testing.assert_allclose(got, want["x"], rtol=1e-12, atol=1e-12)

@@ -14,7 +14,7 @@ def _cfg(topology, n=8, **kw):
 def test_directed_exponential_sends_to_i_plus_powers_of_two():
     topo = topology_at(_cfg("directed-exponential", strategy="push-sum"), 1)
     assert topo.out_neighbours[0] == (1, 2, 4) and topo.in_neighbours[0] == (4, 6, 7)
-    w = topo.weights
+    w = topo.dense()
     assert np.allclose(w.sum(axis=0), 1) and np.allclose(w.sum(axis=1), 1)  # column (and row)
     assert w[1, 0] == w[0, 0] == pytest.approx(1 / 4)
 
@@ -35,8 +35,8 @@ def test_random_matching_is_a_fresh_reproducible_matching_each_round(n):
     for topo in rounds:
         degrees = [d for _, d in topo.graph.degree()]
         assert max(degrees) == 1 and degrees.count(0) == n % 2
-        assert np.allclose(topo.weights, topo.weights.T)
-        assert np.allclose(topo.weights.sum(axis=1), 1)
+        assert np.allclose(topo.dense(), topo.dense().T)
+        assert np.allclose(topo.dense().sum(axis=1), 1)
     assert len({frozenset(t.graph.edges) for t in rounds}) > 1
     again = topology_at(_cfg("random-matching", n=n), 3)
     assert set(again.graph.edges) == set(rounds[2].graph.edges)

@@ -18,7 +18,7 @@ def _round(cfg: ExperimentConfig, node: int, rnd: int = 1, params=None, optim=No
 
 
 def _fresh_process_state() -> None:
-    node_module._node_runtime.cache_clear()
+    node_module.RUNTIMES.clear()
     node_module._TEMPLATES.clear()
 
 
@@ -86,3 +86,37 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
     _fresh_process_state()
+
+
+class _Sized:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def nbytes(self) -> int:
+        return self.size
+
+
+def test_runtime_cache_keeps_every_node_of_a_large_run_within_its_byte_bound() -> None:
+    # an actor serves every node in turn: 300 nodes, three rounds. A cache bounded by count
+    # (the old LRU of 128) rebuilt every node every round; this one builds each once.
+    cache = node_module.RuntimeCache(max_bytes=300 * 1000)
+    for _ in range(3):
+        for node in range(300):
+            cache.get((node,), lambda: _Sized(1000))
+    assert cache.built == 300 and len(cache) == 300
+
+
+def test_runtime_cache_drops_least_recently_used_past_its_bound() -> None:
+    cache = node_module.RuntimeCache(max_bytes=10_000)
+    for node in range(20):
+        cache.get((node,), lambda: _Sized(1000))
+    assert len(cache) == 10 and cache.total_bytes == 10_000
+    cache.get((10,), lambda: _Sized(1000))  # still there: no rebuild
+    assert cache.built == 20
+    cache.get((0,), lambda: _Sized(1000))  # dropped long ago: rebuilt, evicting node 11
+    assert cache.built == 21 and cache.total_bytes == 10_000
+    cache.get((11,), lambda: _Sized(1000))
+    assert cache.built == 22
+    # one runtime larger than the bound is still kept (the node in flight needs it)
+    cache.get(("big",), lambda: _Sized(50_000))
+    assert len(cache) == 1 and cache.total_bytes == 50_000

@@ -72,7 +72,7 @@ def _problem(seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], np.ndar
 
 A, B, X_STAR = _problem()
 X0 = _unflat(np.zeros(DIM))
-RING = build_topology("ring", "metropolis-hastings", N_NODES, 0).weights
+RING = build_topology("ring", "metropolis-hastings", N_NODES, 0).dense()
 
 
 def sgd(lr, local_steps: int = 1) -> LocalStep:

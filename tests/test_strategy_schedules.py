@@ -86,7 +86,7 @@ def _config(topology: str, mixing: str, strategy: str, extra: dict, edge_file: s
 
 def _schedule(cfg: ExperimentConfig):
     # harness round t = the app's round t + 1 (the harness counts from 0, the relay from 1)
-    return lambda t: topology_at(cfg, t + 1).weights
+    return lambda t: topology_at(cfg, t + 1).dense()
 
 
 def _no_training(node: int, params: Params, rnd: int, correction: Params | None = None) -> Params:

@@ -3,14 +3,17 @@ import math
 import networkx as nx
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from flower_p2p.registry import ConfigError
 from flower_p2p.topology import (
+    DENSE_EIG_MAX,
     GRAPHS,
     MIXINGS,
     GraphParams,
     build_graph,
     build_topology,
+    check_mixing,
     spectral_gap,
 )
 
@@ -60,7 +63,7 @@ def test_random_graphs_are_reproducible_from_the_seed():
 @pytest.mark.parametrize("mixing", ["metropolis-hastings", "max-degree"])
 def test_weights_symmetric_doubly_stochastic_on_edges_only(name, mixing):
     topo = build_topology(name, mixing, 12, seed=2, params=GraphParams(degree=3))
-    w = topo.weights
+    w = topo.dense()
     assert np.allclose(w, w.T)
     assert np.allclose(w.sum(axis=0), 1) and np.allclose(w.sum(axis=1), 1)
     assert (w >= 0).all()
@@ -71,7 +74,7 @@ def test_weights_symmetric_doubly_stochastic_on_edges_only(name, mixing):
 
 def test_uniform_neighbour_on_regular_graph_and_refused_on_irregular():
     topo = build_topology("ring", "uniform-neighbour", 8, seed=0)
-    assert np.allclose(topo.weights[0, [7, 0, 1]], 1 / 3)
+    assert np.allclose(topo.dense()[0, [7, 0, 1]], 1 / 3)
     with pytest.raises(ConfigError, match="mixing='uniform-neighbour'.*doubly stochastic"):
         build_topology("star", "uniform-neighbour", 8, seed=0)
 
@@ -111,3 +114,39 @@ def test_unknown_names_list_the_known_ones():
         build_graph("hypercube", 8, seed=0)
     with pytest.raises(ConfigError, match="mixing='laplacian'.*metropolis-hastings"):
         build_topology("ring", "laplacian", 8, seed=0)
+
+
+@pytest.mark.parametrize("mixing", ["metropolis-hastings", "max-degree"])
+def test_mixing_weights_are_stored_in_o_of_edges(mixing):
+    # a dense matrix would hold n^2 = 1M entries; the ring has n + 2n
+    topo = build_topology("ring", mixing, 1024, seed=0)
+    assert sp.issparse(topo.weights) and topo.weights.nnz == 3 * 1024
+    assert topo.row(0) == pytest.approx({0: 1 / 3, 1023: 1 / 3, 1: 1 / 3})
+    assert list(topo.row(0)) == [0, 1, 1023]  # itself first, then senders ascending
+    assert topo.spectral_gap == pytest.approx(2 / 3 * (1 - math.cos(2 * math.pi / 1024)))
+
+
+@pytest.mark.parametrize("name", ["erdos-renyi", "small-world", "star", "random-regular"])
+def test_sparse_rows_equal_the_dense_matrix(name):
+    topo = build_topology(name, "metropolis-hastings", 20, seed=4, params=GraphParams(degree=3))
+    dense = topo.dense()
+    for i in range(20):
+        row = topo.row(i)
+        assert set(row) == {i, *topo.in_neighbours[i]}
+        assert all(row[j] == dense[i, j] for j in row)
+        assert sum(row.values()) == pytest.approx(1.0)
+
+
+def test_check_mixing_refuses_weight_off_the_graph():
+    g = build_graph("ring", 6, seed=0)
+    w = MIXINGS.get("metropolis-hastings")(g).toarray()
+    w[0, 3] = w[3, 0] = 0.1  # 0 and 3 are not neighbours on a 6-ring
+    w[0, 0] -= 0.1
+    w[3, 3] -= 0.1
+    with pytest.raises(ValueError, match="non-neighbours"):
+        check_mixing(sp.csr_array(w), g)
+
+
+def test_spectral_gap_is_not_made_up_past_the_dense_limit():
+    big = build_topology("ring", "metropolis-hastings", DENSE_EIG_MAX + 1, seed=0)
+    assert big.spectral_gap is None
