@@ -37,7 +37,7 @@ from flower_p2p.results import (
 CHECKPOINTS = CHECKPOINTS_DIR
 MANIFEST = "latest.json"
 # Keys that may differ between the interrupted and the resumed run.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "checkpoint-every", "out-dir")
+RESUME_MAY_CHANGE = ("resume", "overwrite", "checkpoint-every", "out-dir", "memory-limit-gb")
 
 Arrays = dict[str, np.ndarray]
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flower_p2p.config import ExperimentConfig
 from flower_p2p.results import read_jsonl
 
 # Keys that change nothing in the centralized reference's training: it has no graph and never
@@ -22,8 +23,8 @@ NOT_REFERENCE_KEYS = (
     "degree", "small-world-k", "small-world-p", "share",
     "placement",  # the centralized reference trains on the partitions in their own order
 )  # fmt: skip
-# Where a run is written, not what it is.
-LOCATION_KEYS = ("out-dir", "overwrite")
+# Where a run is written and what it was allowed to use, not what it computes.
+LOCATION_KEYS = ("out-dir", "overwrite", "memory-limit-gb")
 COLLECTION_MARKERS = ("sweep.json", "compare.md")
 
 
@@ -47,9 +48,12 @@ def load_run(run_dir: Path) -> Run:
     """Read a run folder (finished or not)."""
     run_dir = Path(run_dir)
     network, summary = run_dir / "network.jsonl", run_dir / "summary.json"
+    # a key added since the run was made did not exist then: it ran with the key's default, and
+    # must match runs made since (a reference of an older run was otherwise never found)
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
     return Run(
         dir=run_dir,
-        config=json.loads((run_dir / "config.json").read_text())["config"],
+        config={**ExperimentConfig().to_run_config(), **saved},
         metrics=read_jsonl(run_dir / "metrics.jsonl"),
         network=read_jsonl(network) if network.exists() else [],
         summary=json.loads(summary.read_text()) if summary.exists() else {},

@@ -212,3 +212,28 @@ def test_attention_figure_has_a_column_per_node_and_the_reference(tmp_path, with
                       "node 2"]  # fmt: skip
     assert ("nodes only" in fig._suptitle.get_text()) is not with_reference
     assert "attention rollout" in fig._suptitle.get_text()
+
+
+def test_a_reference_recorded_before_keys_were_added_still_serves_its_seed(tmp_path):
+    # references of seeds 0..2, seed 0's made before `placement` and `memory-limit-gb` existed:
+    # it ran with their defaults, and the plot's reference line must average all three seeds
+    # (it was silently seed 1 and 2 only, or seed 0 alone, while the table averaged three)
+    import json
+
+    from sim.runs import matching_references
+
+    refs = []
+    for seed, acc in ((0, 0.9), (1, 0.6), (2, 0.6)):
+        folder = write_run(tmp_path / f"ref{seed}", cfg(strategy="centralized", seed=seed),
+                           [[acc] * 3] * 3)  # fmt: skip
+        if seed == 0:
+            saved = json.loads((folder / "config.json").read_text())
+            for key in ("placement", "memory-limit-gb"):
+                del saved["config"][key]
+            (folder / "config.json").write_text(json.dumps(saved))
+        refs.append(load_run(folder))
+    runs = [load_run(write_run(tmp_path / f"r{s}", cfg(seed=s), ACCS)) for s in range(3)]
+    assert len(matching_references(runs[1].config, refs, {0, 1, 2})) == 3
+    assert len(matching_references(runs[0].config, refs, {0, 1, 2})) == 3
+    fig = comparison_figure(runs, "strategy", references=refs)
+    assert "centralized 70.0%" in [t.get_text() for t in fig.axes[0].texts]
