@@ -424,6 +424,7 @@ def heterogeneity_panel(ax: Axes, het: dict) -> None:
 
 
 SCHEDULES_DRAWN_ON_A_CIRCLE = ("directed-exponential", "one-peer-exponential", "random-matching")
+LABELLED_NODES_MAX = 48  # node ids drawn on the topology plot up to this many nodes
 
 
 def topology_figure(run: Run) -> Figure | None:
@@ -443,15 +444,22 @@ def topology_figure(run: Run) -> Figure | None:
     pos = nx.circular_layout(topo.graph) if cfg.topology in circular else (
         nx.spring_layout(topo.graph, seed=cfg.seed))  # fmt: skip
     colors = final if final is not None else "tab:blue"
+    # ids stay readable up to a few dozen nodes; past that, smaller unlabelled dots
+    labelled = cfg.num_nodes <= LABELLED_NODES_MAX
+    size = 420 if labelled else max(4.0, 420 * LABELLED_NODES_MAX / cfg.num_nodes)
     drawn = nx.draw_networkx_nodes(topo.graph, pos, ax=ax, node_color=colors, cmap="viridis",
-                                   vmin=0, vmax=100, node_size=420)  # fmt: skip
-    nx.draw_networkx_edges(topo.graph, pos, ax=ax, alpha=0.5, node_size=420)
-    nx.draw_networkx_labels(topo.graph, pos, ax=ax, font_size=8, font_color="white")
+                                   vmin=0, vmax=100, node_size=size)  # fmt: skip
+    nx.draw_networkx_edges(topo.graph, pos, ax=ax, alpha=0.5 if labelled else 0.2,
+                           node_size=size, width=1.0 if labelled else 0.3)  # fmt: skip
+    if labelled:
+        nx.draw_networkx_labels(topo.graph, pos, ax=ax, font_size=8, font_color="white")
     if final is not None:
         fig.colorbar(drawn, ax=ax, shrink=0.7, label="final test accuracy (%)")
     gap = period_spectral_gap(cfg)
     title = f"{cfg.topology}" + (" (round 1)" if is_schedule(cfg.topology) else f", {cfg.mixing}")
-    title += f", spectral gap {gap:.3f}" if gap is not None else ""
+    title += f", {cfg.num_nodes} nodes" if not labelled else ""
+    # 3 significant digits: a 1,024-node ring's 1.25e-05 is not "0.000"
+    title += f", spectral gap {gap:.3g}" if gap is not None else ""
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()

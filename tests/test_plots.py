@@ -237,3 +237,18 @@ def test_a_reference_recorded_before_keys_were_added_still_serves_its_seed(tmp_p
     assert len(matching_references(runs[0].config, refs, {0, 1, 2})) == 3
     fig = comparison_figure(runs, "strategy", references=refs)
     assert "centralized 70.0%" in [t.get_text() for t in fig.axes[0].texts]
+
+
+def test_topology_of_hundreds_of_nodes_shows_its_gap_and_no_unreadable_ids(tmp_path):
+    import math
+
+    n = 300
+    run = load_run(write_run(tmp_path / "r", cfg(num_nodes=n), [[0.5] * n] * 3))
+    fig = topology_figure(run)
+    title = fig.axes[0].get_title()
+    gap = 2 / 3 * (1 - math.cos(2 * math.pi / n))  # the ring's closed form
+    assert f"spectral gap {gap:.3g}" in title and "0.000," not in title + ","
+    assert f"{n} nodes" in title
+    assert not fig.axes[0].texts  # no node ids at this size
+    small = topology_figure(load_run(write_run(tmp_path / "s", cfg(), ACCS)))
+    assert len(small.axes[0].texts) == 3  # 3 nodes, 3 ids
