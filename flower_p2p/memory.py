@@ -82,7 +82,7 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         """Where the memory goes, in words and GiB."""
-        g = _gib
+        g = _readable
         return (
             f"about {g(self.total)} in all: the driver {g(self.driver)} ({self.nodes} nodes x "
             f"{g(self.node_state + self.message)} of state and messages), {self.actors} actor(s) x "
@@ -91,8 +91,15 @@ class MemoryEstimate:
         )
 
 
-def _gib(b: float) -> str:
-    return f"{b / GIB:.2f} GiB" if b < 10 * GIB else f"{b / GIB:.0f} GiB"
+def _readable(b: float) -> str:
+    """A size in the unit that keeps it readable: 25 GiB, 3.19 GiB, 420 MiB, 97 KiB."""
+    if b >= 10 * GIB:
+        return f"{b / GIB:.0f} GiB"
+    if b >= GIB:
+        return f"{b / GIB:.2f} GiB"
+    if b >= 2**20:
+        return f"{b / 2**20:.0f} MiB"
+    return f"{b / 2**10:.0f} KiB"
 
 
 def optimizer_slots(cfg: ExperimentConfig) -> int:
@@ -225,8 +232,8 @@ def check_fits(
             limit += BASE_RAY + BASE_DRIVER + need.actors * BASE_ACTOR
     if need.total <= limit:
         return
-    where = (f"memory-limit-gb is {_gib(limit)}" if cfg.memory_limit_gb > 0
-             else f"this machine has {_gib(limit)} available")  # fmt: skip
+    where = (f"memory-limit-gb is {_readable(limit)}" if cfg.memory_limit_gb > 0
+             else f"this machine has {_readable(limit)} available")  # fmt: skip
     hints = []
     if cfg.finetune == "full":
         hints.append("finetune=head, last-k or lora")

@@ -117,7 +117,10 @@ def run_app(
     """
     from flwr.app import Context, RecordDict
 
+    from sim.message_pump import install
+
     run_simulation, exit_event = simulation_runtime()
+    install()  # one scan of the message store per sweep, not one per node (large runs)
     with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
         _write_app(Path(app_dir), run_config, server_app, client_app)
         run_simulation(

@@ -107,9 +107,9 @@ def test_check_fits_against_the_machine_and_a_limit(monkeypatch: pytest.MonkeyPa
     need = preflight(ExperimentConfig(depth=1, memory_limit_gb=1000)).memory
     cfg = ExperimentConfig(depth=1)
     check_fits(cfg, need, limit=need.total)
-    with pytest.raises(ConfigError, match="this machine has .* GiB available"):
+    with pytest.raises(ConfigError, match="this machine has .* available"):
         check_fits(cfg, need, limit=need.total - 1)
-    with pytest.raises(ConfigError, match="memory-limit-gb is 0.50 GiB"):
+    with pytest.raises(ConfigError, match="memory-limit-gb is 512 MiB"):
         check_fits(cfg.replace(memory_limit_gb=0.5), need)
     # inside the ServerApp the run's processes already hold their base memory: not twice
     bases = memory.BASE_RAY + memory.BASE_DRIVER + need.actors * memory.BASE_ACTOR
