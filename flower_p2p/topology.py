@@ -271,8 +271,8 @@ def spectral_gap(w: sp.sparray | np.ndarray) -> float | None:
     """1 - |lambda_2(W)|: one minus the second-largest eigenvalue magnitude of W.
 
     Exact, from every eigenvalue of the dense matrix, up to ``DENSE_EIG_MAX`` nodes; None past
-    that (an iterative solver needed minutes, not converging in time, on the large rings whose
-    gap is tiny: no figure rather than a wrong one).
+    that: ARPACK took 23 s and 156,000 iterations on a 4,096-node ring, whose gap is tiny, and
+    may not converge at all; no figure rather than a slow or wrong one.
     """
     n = w.shape[0]
     if n > DENSE_EIG_MAX:
