@@ -167,8 +167,7 @@ def is_finished(run_dir: Path) -> bool:
 
 def check_finished_matches(point: Point, out: Path) -> None:
     """A finished run kept from an earlier sweep must have been run with the same config."""
-    # a key added since that run was made did not exist then: it ran with the key's default
-    saved = {**ExperimentConfig().to_run_config(), **load_run(out / point.name).config}
+    saved = load_run(out / point.name).config  # keys added since: at their defaults
     want = point.config.to_run_config()
     keys = sorted((set(saved) | set(want)) - set(LOCATION_KEYS))
     diff = [k for k in keys if saved.get(k) != want.get(k)]
