@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -334,15 +335,24 @@ def shared_names(trainable: list[str], cfg: ExperimentConfig) -> list[str]:
     return names
 
 
-def get_params(model: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
-    """Copies of the named parameters as numpy arrays (what travels between nodes)."""
-    params = dict(model.named_parameters())
+def get_params(
+    model: nn.Module | Mapping[str, torch.Tensor], names: list[str]
+) -> dict[str, np.ndarray]:
+    """Copies of the named parameters as numpy arrays (what travels between nodes).
+
+    ``model`` may be the module or its ``dict(named_parameters())``: a caller that reads and
+    writes the same model every round keeps the dict, since walking a ViT's module tree for it
+    costs more than copying a head's parameters.
+    """
+    params = model if isinstance(model, Mapping) else dict(model.named_parameters())
     return {n: params[n].detach().cpu().numpy().copy() for n in names}
 
 
-def set_params(model: nn.Module, values: dict[str, np.ndarray]) -> None:
-    """Overwrite the named parameters in place."""
-    params = dict(model.named_parameters())
+def set_params(
+    model: nn.Module | Mapping[str, torch.Tensor], values: dict[str, np.ndarray]
+) -> None:
+    """Overwrite the named parameters in place (``model`` as in ``get_params``)."""
+    params = model if isinstance(model, Mapping) else dict(model.named_parameters())
     with torch.no_grad():
         for n, v in values.items():
             params[n].copy_(torch.from_numpy(np.ascontiguousarray(v)))

@@ -67,6 +67,10 @@ class NodeRuntime:
             cfg, bundle.num_classes, self.device
         )
         self.shared = shared_names(self.trainable, cfg)
+        # Looked up every round; walking the model's module tree for them costs more than a
+        # head-only node's training step (the model is shared, the dict and list are per node).
+        self.param_table = dict(self.model.named_parameters())
+        self.train_params = [p for p in self.model.parameters() if p.requires_grad]
         norm = data_config(self.model)
         self.train_x, self.train_y = _train_tensors(cfg, bundle, node, norm)
         # The classes this node trains on; test samples of the others are its "unseen" ones.
@@ -108,7 +112,7 @@ class NodeRuntime:
         cfg = self.cfg
         # QG-DSGDm's quasi-global buffer replaces SGD's own momentum
         momentum = 0.0 if cfg.strategy == "qg-dsgdm" else cfg.momentum
-        opt = make_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum)
+        opt = make_optimizer(self.train_params, cfg.optimizer, cfg.lr, cfg.weight_decay, momentum)
         if saved:
             load_optimizer_state(opt, saved)
         for group in opt.param_groups:
@@ -328,7 +332,7 @@ def run_round(
                                                   rt.cfg.num_rounds)  # fmt: skip
     shared = algo.combine(shared, state, inbox, weights, rt.node, **kwargs)
     params = {**params, **shared}
-    set_params(rt.model, params)
+    set_params(rt.param_table, params)
     result = RoundResult(params=params, combined=shared, message={}, state=state,
                          optimizer=optimizer or {}, train_loss=float("nan"))  # fmt: skip
     if do_eval:
@@ -352,7 +356,7 @@ def run_round(
         steps=steps, logit_scale=rt.logit_scale, correction=_correction(rt, algo, state),
     )  # fmt: skip
     result.train_s = time.perf_counter() - t0
-    result.params = get_params(rt.model, rt.trainable)
+    result.params = get_params(rt.param_table, rt.trainable)
     result.optimizer = optimizer_state(opt)
     trained = {k: result.params[k] for k in rt.shared}
     if algo.per_receiver_messages:  # one message per receiver (RelaySum)
@@ -370,7 +374,7 @@ def _correction(
     corr = algo.local_correction(state)
     if not corr:
         return None
-    params = dict(rt.model.named_parameters())
+    params = rt.param_table
     return [(params[k], torch.from_numpy(np.ascontiguousarray(v)).to(rt.device))
             for k, v in corr.items()]  # fmt: skip
 

@@ -75,7 +75,8 @@ class SplitNet(nn.Module):
     def train(self, mode: bool = True) -> SplitNet:
         """Frozen prefix always in eval mode; only the suffix follows ``mode``."""
         self.training = mode
-        self._split.model.eval()
+        if self._split.model.training:  # walking a ViT's modules costs ~1 ms: once is enough
+            self._split.model.eval()
         for module in self._split.suffix_modules:
             module.train(mode)
         return self

@@ -22,10 +22,21 @@ def lr_at_round(lr: float, schedule: str, rnd: int, num_rounds: int) -> float:
 
 
 def make_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9
+    model: nn.Module | list[torch.Tensor],
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD (heavy-ball ``momentum``) over the trainable parameters only."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW or SGD (heavy-ball ``momentum``) over the trainable parameters only.
+
+    ``model`` may be the module or the list of its trainable parameters in module order (kept
+    by a caller that builds an optimizer every round); the order numbers the saved state.
+    """
+    if isinstance(model, nn.Module):
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = list(model)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -79,6 +79,23 @@ def test_frozen_prefix_runs_in_eval_mode_while_training():
     torch.testing.assert_close(a, rt.cache.split.prefix(rt.train_x[:4]))
 
 
+def test_frozen_prefix_returns_to_eval_after_the_whole_model_was_put_in_train_mode():
+    # SplitNet skips the walk over the frozen modules while the model is already in eval mode;
+    # a model.train() elsewhere (the memory estimate's forward pass) must not leave them training.
+    cfg = ExperimentConfig(finetune="last-k", last_k=1, prefix_cache="off",
+                           **SMALL["swin_tiny_patch4_window7_224"],
+                           model="swin_tiny_patch4_window7_224")  # fmt: skip
+    rt = node_runtime(cfg, 0)
+    for before in (rt.model.train, rt.net.eval, rt.net.train, rt.model.eval):
+        before()
+        rt.net.train()
+        modes = {n: m.training for n, m in rt.model.named_modules()}
+        assert not modes["patch_embed"] and not modes["layers.1.blocks.0"], before
+        assert modes["layers.1.blocks.1"] and modes["head"], before
+    rt.net.eval()
+    assert not any(m.training for m in rt.model.modules())
+
+
 def test_cache_is_invalidated_when_the_checkpoint_or_preprocessing_changes(tmp_path):
     cfg0 = ExperimentConfig(depth=1, finetune="head")
     model = create_model(cfg0, 10)
