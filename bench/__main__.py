@@ -4,7 +4,8 @@
    single-process loop (time ratio; same nodes, steps, mixing, same final accuracy);
 2. head-only and last-k fine-tuning without vs with the frozen-prefix cache (time ratio);
 3. training throughput of the default model vs the machine's fp32 matmul rate;
-4. wall time per round and peak memory of the process tree at 64 to 1,024 head-only nodes;
+4. wall time per round and peak memory of the process tree at 64 to 1,024 head-only nodes,
+   and at 256 nodes with LoRA and last-k (which train through the backbone);
 5. the memory one more node costs a process that serves nodes one after another (a ClientApp
    actor), full fine-tuning of a 22 M-parameter ViT-S: nodes share the process's model;
 6. the memory estimate runs are admitted on (``flower_p2p.memory``) against the peaks they
@@ -31,6 +32,12 @@ FULL = {
     # glyphs: 10,080 training images, ~10 a node at 1,024 nodes (digits has 1,437)
     "scaling": ["finetune=head", "dataset=glyphs", "partitioner=iid", "num-rounds=20"],
     "nodes": [64, 128, 256, 512, 1024],
+    # the modes that train through the backbone, at 256 nodes (issue 13): fewer rounds, each is
+    # a full forward and backward per step
+    "scaling-modes": [
+        ["finetune=lora", "dataset=glyphs", "partitioner=iid", "num-rounds=6", "num-nodes=256"],
+        ["finetune=last-k", "dataset=glyphs", "partitioner=iid", "num-rounds=6", "num-nodes=256"],
+    ],
     "seconds": 10.0,
     "node-memory": (["model=vit_small_patch16_224", "depth=0"], 8),
     "memory": [
@@ -47,6 +54,7 @@ QUICK = {
     "throughput": ["depth=1"],
     "scaling": ["finetune=head", "num-rounds=2", "depth=1"],
     "nodes": [4],
+    "scaling-modes": [["finetune=lora", "num-rounds=2", "depth=1", "num-nodes=4"]],
     "seconds": 1.0,
     "node-memory": (["depth=1"], 3),
     "memory": [["num-nodes=3", "num-rounds=2", "depth=1"]],
@@ -108,6 +116,17 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
                 f"{row['command_s']:.0f} s | {row['round_s']:.2f} s/round, "
                 f"{row['peak_gib']:.2f} GiB | {'≤ 5 s, < 6 GiB, ≤ 1.2×' if big else '–'} | "
                 f"{('yes' if met else 'no') if big else '–'} |"
+            )
+        for overrides in settings["scaling-modes"]:
+            row = cases.scaling_row(overrides)
+            raw.setdefault("4-modes", []).append(row)
+            rows.append(
+                f"| 4 | {row['nodes']} nodes, {' '.join(overrides)}: wall per round (median, "
+                f"rounds 2..R), peak memory (PSS) of the process tree (RSS sum "
+                f"{row['peak_rss_gib']:.2f} GiB); {1000 * row['round_s'] / row['nodes']:.1f} ms "
+                f"per node-round; round 1 ended {row['first_round_s']:.0f} s after the relay "
+                f"started, whole command {row['command_s']:.0f} s | {row['round_s']:.2f} s/round, "
+                f"{row['peak_gib']:.2f} GiB | – | – |"
             )
     if 5 in only:
         overrides, nodes = settings["node-memory"]

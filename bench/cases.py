@@ -133,21 +133,24 @@ def throughput(overrides: list[str], seconds: float = 10.0) -> dict:
 
 def scaling(overrides: list[str], nodes: list[int]) -> list[dict]:
     """Measurement 4: wall time per round and peak memory of the whole run at each node count."""
-    rows = []
-    for n in nodes:
-        run = flower_run([*overrides, f"num-nodes={n}"])
-        rounds = run["round_s"]
-        rows.append({
-            "nodes": n,
-            "round_s": statistics.median(rounds) if rounds else float("nan"),
-            "command_s": run["command_s"],
-            "first_round_s": run["first_round_s"],
-            "peak_gib": run["peak_gib"],
-            "peak_rss_gib": run["peak_rss_gib"],
-            "peak_processes": run["peak_processes"],
-            "prefix_cache": run["prefix_cache"],
-        })  # fmt: skip
-    return rows
+    return [scaling_row([*overrides, f"num-nodes={n}"]) for n in nodes]
+
+
+def scaling_row(overrides: list[str]) -> dict:
+    """One run of measurement 4 (``overrides`` name ``num-nodes``): median round, peaks."""
+    run = flower_run(overrides)
+    rounds = run["round_s"]
+    nodes = [o for o in overrides if o.startswith("num-nodes=")]
+    return {
+        "nodes": int(nodes[-1].split("=", 1)[1]),
+        "round_s": statistics.median(rounds) if rounds else float("nan"),
+        "command_s": run["command_s"],
+        "first_round_s": run["first_round_s"],
+        "peak_gib": run["peak_gib"],
+        "peak_rss_gib": run["peak_rss_gib"],
+        "peak_processes": run["peak_processes"],
+        "prefix_cache": run["prefix_cache"],
+    }  # fmt: skip
 
 
 def node_memory(overrides: list[str], nodes: int) -> dict:
