@@ -6,6 +6,7 @@ must agree), 3 (throughput) and 5 (memory per node); 2 and 4 run the same two ru
 cores, so all five run only with ``FLOWER_P2P_SLOW=1``.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -38,3 +39,15 @@ def test_bench_quick_prints_its_measurements(tmp_path, only):
     # the engine and the plain loop train the same models (exactly: the suite's end-to-end tests
     # check that for every strategy); at this size even the thread counts do not change a bit
     assert re.search(r"final mean accuracy (0\.\d{4}) / \1, same: yes", text), text
+
+
+def test_node_step_prints_cpu_ms_per_node_round():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.node_step", "--nodes", "3", "--rounds", "2",
+         "dataset=digits", "num-nodes=4", "depth=1", "img-size=16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nodes"] == 3 and len(out["cpu_ms_per_node_round"]) == 2
+    assert all(t > 0 for t in out["cpu_ms_per_node_round"])
