@@ -117,10 +117,12 @@ def run_app(
     """
     from flwr.app import Context, RecordDict
 
-    from sim.message_pump import install
+    from sim import actor_pool, message_pump
 
     run_simulation, exit_event = simulation_runtime()
-    install()  # one scan of the message store per sweep, not one per node (large runs)
+    message_pump.install()  # one scan of the message store per sweep, not one per node
+    if os.environ.get("FLOWER_P2P_AB_POOL") != "flower":  # TEMP A/B
+        actor_pool.install()  # the next node's message waits at the actor, not in the driver
     with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
         _write_app(Path(app_dir), run_config, server_app, client_app)
         run_simulation(
