@@ -117,12 +117,10 @@ def run_app(
     """
     from flwr.app import Context, RecordDict
 
-    from sim import actor_pool, message_pump
+    from sim.message_pump import install
 
     run_simulation, exit_event = simulation_runtime()
-    message_pump.install()  # one scan of the message store per sweep, not one per node
-    if os.environ.get("FLOWER_P2P_AB_POOL") != "flower":  # TEMP A/B
-        actor_pool.install()  # the next node's message waits at the actor, not in the driver
+    install()  # one scan of the message store per sweep, not one per node (large runs)
     with tempfile.TemporaryDirectory(prefix="flower-p2p-app-") as app_dir:
         _write_app(Path(app_dir), run_config, server_app, client_app)
         run_simulation(
