@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import cases
 from bench.machine import machine_info
+from bench.scaling_plot import plot_scaling
 from flower_p2p.results import atomic_write_text
 
 FULL = {
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         atomic_write_text(Path(out), text)
         print(f"written to {out}")
+        if len(raw.get(4, [])) > 1:  # a scaling curve needs two node counts
+            figure = plot_scaling(raw[4], Path(out).with_name(Path(out).stem + "-scaling.png"))
+            print(f"written to {figure}")
     return 0
 
 

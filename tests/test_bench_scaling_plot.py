@@ -1,0 +1,11 @@
+"""Measurement 4's figure is drawn from its rows (no run needed to check the drawing)."""
+
+from bench.scaling_plot import plot_scaling
+
+
+def test_the_scaling_figure_is_a_png_written_where_asked(tmp_path):
+    rows = [{"nodes": 256, "round_s": 2.9, "peak_gib": 3.3},
+            {"nodes": 64, "round_s": 0.6, "peak_gib": 3.1}]  # fmt: skip
+    path = plot_scaling(rows, tmp_path / "results-scaling.png")
+    assert path == tmp_path / "results-scaling.png"
+    assert path.read_bytes().startswith(b"\x89PNG")
