@@ -46,6 +46,7 @@ def flower_run(overrides: list[str]) -> dict:
         "first_round_s": walls[0],  # the relay's start to round 1's end: building every node
         "round_s": [b - a for a, b in zip(walls, walls[1:], strict=False)],
         "final_mean": summary["accuracy_mean"],
+        "nodes": summary["num_nodes"],
         "prefix_cache": summary.get("prefix_cache", ""),
         "peak_gib": mem.peak_bytes / 2**30,
         "peak_rss_gib": mem.peak_rss_bytes / 2**30,
@@ -137,12 +138,11 @@ def scaling(overrides: list[str], nodes: list[int]) -> list[dict]:
 
 
 def scaling_row(overrides: list[str]) -> dict:
-    """One run of measurement 4 (``overrides`` name ``num-nodes``): median round, peaks."""
+    """One run of measurement 4: its node count, median round, peaks."""
     run = flower_run(overrides)
     rounds = run["round_s"]
-    nodes = [o for o in overrides if o.startswith("num-nodes=")]
     return {
-        "nodes": int(nodes[-1].split("=", 1)[1]),
+        "nodes": run["nodes"],
         "round_s": statistics.median(rounds) if rounds else float("nan"),
         "command_s": run["command_s"],
         "first_round_s": run["first_round_s"],
