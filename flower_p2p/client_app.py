@@ -105,6 +105,7 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
         train=train,
         combine_kwargs=combine_kwargs,
         steps_fraction=float(config["steps-fraction"]) if "steps-fraction" in config else 1.0,
+        activation=int(config["activation"]) if "activation" in config else None,
     )
     # Only a round that completed changes the state: a node that raises keeps the one it had.
     state[STATE_PARAMS] = kept = to_record(result.params)

@@ -89,6 +89,13 @@ class ExperimentConfig:
     fail_every: int = 0
     checkpoint_every: int = 0
     resume: bool = False
+    mode: str = "sync"
+    step_time: float = 1.0
+    slow_fraction: float = 0.0
+    slowdown: float = 4.0
+    speed_spread: float = 0.0
+    latency: float = 0.0
+    latency_spread: float = 0.0
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -254,6 +261,9 @@ class ExperimentConfig:
         _positive("checkpoint-every", self.checkpoint_every, minimum=0)
         if self.resume and not self.out_dir:
             raise ConfigError("resume", self.resume, "false, or true with out-dir naming the run")
+        from flower_p2p.clock import check_clock
+
+        check_clock(self)
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -38,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
 from flower_p2p.checkpoint import Checkpoint, commit, round_dir, write_relay_state
+from flower_p2p.clock import run_clock, sync_round_time
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.consensus import ConsensusMeter
 from flower_p2p.faults import FaultLog
@@ -148,8 +149,11 @@ class GossipStrategy(Strategy):
         self._round_faults: dict = {}
         self.progress = Progress(cfg.num_rounds)
         self._meter = ConsensusMeter()
+        # simulated seconds of a round (sim_time in metrics.jsonl); none for the reference
+        clock = run_clock(cfg)
+        self.round_time = None if clock is None else sync_round_time(cfg, clock)
         for p in self.nodes:
-            self.rec.update(0, p, **self.traffic.record(p))
+            self.rec.update(0, p, sim_time=self._sim_time(0), **self.traffic.record(p))
 
     # ---- Flower's Strategy interface ---------------------------------------------------------
 
@@ -177,7 +181,8 @@ class GossipStrategy(Strategy):
         new_out: dict = {}
         failed: list[int] = []
         train_losses = []
-        for reply in replies:
+        # node order, not arrival order: sums (consensus distance, mean loss) in a fixed order
+        for reply in sorted(replies, key=lambda r: self.pid_of[r.metadata.src_node_id]):
             pid = self.pid_of[reply.metadata.src_node_id]
             if reply.has_error():
                 self._node_failed(pid, server_round, reply)  # counts as dropped for this round
@@ -192,11 +197,17 @@ class GossipStrategy(Strategy):
         self._stop_if_every_node_failed(server_round, failed)
         self.last_out = new_out
         for p in self.nodes:  # dropped and failed nodes too: nothing trained or sent
-            self.rec.update(server_round, p, **self.traffic.record(p))
+            self.rec.update(server_round, p, sim_time=self._sim_time(server_round),
+                            **self.traffic.record(p))  # fmt: skip
         self._round_faults["failed"] = sorted(failed)
         # Timings live here, not in metrics.jsonl, so that metrics.jsonl is deterministic.
         self.rec.close_round(
-            {"round": server_round, "wall_s": self.elapsed(), "faults": self._round_faults}
+            {
+                "round": server_round,
+                "sim_time": self._sim_time(server_round),
+                "wall_s": self.elapsed(),
+                "faults": self._round_faults,
+            }
         )
         self.rec.close_through(server_round - 1)  # evaluated and delivered: final
         metrics = {"train_loss": float(np.mean(train_losses))} if train_losses else {}
@@ -220,7 +231,7 @@ class GossipStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Record every node's final accuracy; their mean and worst."""
-        replies = list(replies)
+        replies = sorted(replies, key=lambda r: self.pid_of[r.metadata.src_node_id])
         if not replies:
             return None
         for reply in replies:
@@ -291,6 +302,10 @@ class GossipStrategy(Strategy):
         return result
 
     # ---- the relay's own work ----------------------------------------------------------------
+
+    def _sim_time(self, rnd: int) -> float | None:
+        """Simulated seconds at the end of round ``rnd``: every round waits for the slowest."""
+        return None if self.round_time is None else rnd * self.round_time
 
     def elapsed(self) -> float:
         """Seconds since the run started (resumed runs include the interrupted part)."""

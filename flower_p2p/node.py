@@ -310,12 +310,15 @@ def run_round(
     train: bool = True,
     combine_kwargs: dict | None = None,
     steps_fraction: float = 1.0,
+    activation: int | None = None,
 ) -> RoundResult:
     """Combine -> (evaluate) -> train -> message, for round ``rnd`` (1-based) at ``rt.node``.
 
     Evaluation happens on the combined model, i.e. the node's model after ``rnd - 1`` full rounds.
     With ``train=False`` (the final evaluation) no training happens and nothing is sent. A
     straggler gets ``steps_fraction < 1`` and takes that fraction of its local steps.
+    ``activation``: in ``mode=async``, the node's activation count, which seeds its minibatch
+    order (``rnd`` only sets the learning rate there, and several activations share one).
     """
     if params is None:  # a copy: the start values are shared by every node of the process
         params = {k: v.copy() for k, v in rt.initial_params.items()}
@@ -349,7 +352,7 @@ def run_round(
     check_injected_failure(cfg, rt.node, rnd)
     t0 = time.perf_counter()
     opt = rt.optimizer(optimizer, rnd)
-    gen = round_generator(cfg.seed, rt.node, rnd)
+    gen = round_generator(cfg.seed, rt.node, rnd if activation is None else activation)
     steps = local_steps(cfg, len(rt.train_y), steps_fraction)
     result.train_loss = train_epochs(
         rt.net, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,

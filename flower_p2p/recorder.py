@@ -40,8 +40,8 @@ class Recorder:
             raise ValueError(f"round {rnd} was closed and written; its records are final")
         rec = self.records.setdefault(
             (rnd, node),
-            {"round": rnd, "node": node, "accuracy": None, "unseen_accuracy": None,
-             "domain_accuracy": None, "loss": None,
+            {"round": rnd, "node": node, "sim_time": None, "accuracy": None,
+             "unseen_accuracy": None, "domain_accuracy": None, "loss": None,
              "train_loss": None, "bytes_sent": 0, "bytes_received": 0, "network_bytes": 0},
         )  # fmt: skip
         rec.update(values)

@@ -22,6 +22,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flower_p2p import prefix_cache
+from flower_p2p.async_relay import AsyncGossipStrategy
 from flower_p2p.checkpoint import (
     open_out_dir,
     remove_temp_files,
@@ -102,7 +103,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     log(INFO, "flower-p2p: strategy=%s, %d nodes, results in %s", cfg.strategy, cfg.num_nodes, out)
     log(INFO, "frozen-prefix cache %s", checked.cache)
     log(INFO, "memory: %s", checked.memory.describe())
-    strategy = GossipStrategy(cfg, out, configure_nodes=True)
+    kind = AsyncGossipStrategy if cfg.mode == "async" else GossipStrategy
+    strategy = kind(cfg, out, configure_nodes=True)
     strategy.start(grid, ArrayRecord(), cfg.num_rounds, resume=resumed)
     summary = {**summarize(cfg, strategy.rec, strategy.traffic, strategy.elapsed()),
                "prefix_cache": checked.cache,

@@ -36,7 +36,10 @@ def compare(cfg: ExperimentConfig, verbose: bool = False) -> Path:
 
     out = resolve_out_dir(cfg.out_dir, f"compare-{cfg.strategy}")
     names = [cfg.strategy, *(r for r in REFERENCES if r != cfg.strategy)]
-    configs = {n: cfg.replace(strategy=n, out_dir=str(out / n), overwrite=True) for n in names}
+    # the references run in rounds (mode=async is for gossip: nothing to wait for without it)
+    configs = {n: cfg.replace(strategy=n, out_dir=str(out / n), overwrite=True,
+                              mode="sync" if n in REFERENCES else cfg.mode)
+               for n in names}  # fmt: skip
     for one in configs.values():  # every run's data and model, before the folder is cleared
         preflight(one)
     prepare_out_dir(out, cfg.overwrite, compare_outputs)

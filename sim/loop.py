@@ -23,6 +23,11 @@ def run_plain(cfg: ExperimentConfig) -> dict:
 
     ``round_s`` holds each round's seconds (the last entry is the final evaluation).
     """
+    if cfg.mode != "sync":
+        raise ValueError(
+            f"mode={cfg.mode}: the plain loop runs synchronous rounds only; "
+            "async runs go through the relay (python -m sim run, flwr run)"
+        )
     algo = algorithm_for(cfg)
     network = Network(cfg, algo)
     nodes = network.nodes

@@ -74,6 +74,7 @@ class Curve:
     rounds: np.ndarray
     values: np.ndarray
     mb: np.ndarray
+    time: np.ndarray  # simulated seconds of each evaluated round (NaN: not recorded)
 
 
 def node_curve(run: Run, key: str = "accuracy") -> Curve | None:
@@ -83,7 +84,11 @@ def node_curve(run: Run, key: str = "accuracy") -> Curve | None:
     if not keep.any():
         return None
     _, traffic, _ = round_node_table(run.metrics, network_bytes_key(run))
-    return Curve(rounds[keep], 100 * values[keep], np.nan_to_num(traffic[keep]) / 1e6)
+    _, times, _ = round_node_table(run.metrics, "sim_time")
+    with np.errstate(all="ignore"):
+        time = np.nanmax(times[keep], axis=1) if not np.isnan(times[keep]).all() else (
+            np.full(keep.sum(), np.nan))  # fmt: skip
+    return Curve(rounds[keep], 100 * values[keep], np.nan_to_num(traffic[keep]) / 1e6, time)
 
 
 @dataclass
@@ -95,6 +100,7 @@ class SeedBand:
     mean: np.ndarray
     std: np.ndarray | None
     seeds: int
+    time: np.ndarray  # simulated seconds, mean over seeds
 
 
 def seed_band(curves: list[Curve]) -> SeedBand:
@@ -107,6 +113,7 @@ def seed_band(curves: list[Curve]) -> SeedBand:
         mean=node_means.mean(axis=0),
         std=node_means.std(axis=0, ddof=1) if len(curves) > 1 else None,
         seeds=len(curves),
+        time=np.mean([c.time[:n] for c in curves], axis=0),
     )
 
 
@@ -223,9 +230,9 @@ def comparison_figure(
     """One curve per value of ``line``: mean over nodes, +-std over seeds.
 
     One column of panels per combination of ``panels`` values, one row per x axis (``round``,
-    ``mb``). The centralized reference is a black dashed line when every curve of a panel
-    shares it, or a dotted line in each curve's colour when it differs between curves (e.g. one
-    per alpha).
+    ``mb``, ``time``: simulated seconds). The centralized reference is a black dashed line when
+    every curve of a panel shares it, or a dotted line in each curve's colour when it differs
+    between curves (e.g. one per alpha).
     """
     combos = list(dict.fromkeys(tuple(r.config[k] for k in panels) for r in runs))
     values = _natural(list({r.config[line] for r in runs}))
@@ -270,7 +277,7 @@ def comparison_figure(
     for row, x in enumerate(xs):
         axes[row][0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
         for ax in axes[row]:
-            ax.set_xlabel("round" if x == "round" else "MB on the network per node")
+            ax.set_xlabel(X_LABELS[x])
             if x == "round":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     note = "; black dashed (or dotted, per colour): centralized reference" if references else ""
@@ -279,13 +286,19 @@ def comparison_figure(
     return fig
 
 
+X_LABELS = {"round": "round", "mb": "MB on the network per node",
+            "time": "simulated time (s)"}  # fmt: skip
+
+
 def _draw_band(ax: Axes, band: SeedBand, x: str, color: str) -> bool:
-    """A mean curve and its +-std band against rounds or MB (log axis).
+    """A mean curve and its +-std band against rounds, simulated time or MB (log axis).
 
     On MB, a run that sends nothing becomes a dotted level at its final value (returns True).
     """
     if x == "round":
         xs, keep = band.rounds, np.ones(len(band.mean), bool)
+    elif x == "time":
+        xs, keep = band.time, ~np.isnan(band.time)
     else:
         xs, keep = band.mb, band.mb > 0
         if not keep.any():
@@ -525,16 +538,28 @@ def plot_collection(folder: Path, per_run: bool = True) -> list[Path]:
             if fig is not None:
                 paths.append(save(fig, out / f"convergence-{name}.png"))
     metrics = ["accuracy"] + (["unseen_accuracy"] if _has(compared, "unseen_accuracy") else [])
+    # runs whose rounds last different simulated times (sync vs async, other speeds): a row
+    # against simulated time too
+    xs = ("round", "mb", "time") if len(round_times(compared)) > 1 else ("round", "mb")
     for key in keys:
         for metric in metrics:
             others = tuple(k for k in keys if k != key)
-            fig = comparison_figure(compared, key, others, metric, references=references)
+            fig = comparison_figure(compared, key, others, metric, xs, references=references)
             suffix = "" if metric == "accuracy" else "-unseen"
             paths.append(save(fig, out / f"compare-{key}{suffix}.png"))
     fig = heterogeneity_figure(compared, keys, references)
     if fig is not None:
         paths.append(save(fig, out / "accuracy-vs-edge-tv.png"))
     return paths
+
+
+def round_times(runs: list[Run]) -> set:
+    """The distinct simulated durations of a round among ``runs`` (and their modes)."""
+    found = set()
+    for run in runs:
+        first = [m["sim_time"] for m in run.metrics if m["round"] == 1 and m.get("sim_time")]
+        found.add((run.config.get("mode", "sync"), round(first[0], 9) if first else None))
+    return found
 
 
 def edge_tv(run: Run) -> float | None:

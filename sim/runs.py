@@ -22,6 +22,8 @@ NOT_REFERENCE_KEYS = (
     "strategy", "gamma", "compressor", "compress-fraction", "topology", "mixing", "edge-prob",
     "degree", "small-world-k", "small-world-p", "share",
     "placement",  # the centralized reference trains on the partitions in their own order
+    # the clock: one model has no peers to wait for (its reference runs mode=sync)
+    "mode", "step-time", "slow-fraction", "slowdown", "speed-spread", "latency", "latency-spread",
 )  # fmt: skip
 # Where a run is written and what it was allowed to use, not what it computes.
 LOCATION_KEYS = ("out-dir", "overwrite", "memory-limit-gb")

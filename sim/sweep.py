@@ -126,7 +126,7 @@ def expand(spec: SweepSpec, out: Path, defaults: dict[str, Any]) -> list[Point]:
             values = {k: v for k, v in p.values.items() if k not in NOT_REFERENCE_KEYS}
             name = f"{REFERENCE_DIR}/{run_name({**values, 'seed': p.seed})}"
             if name not in refs:
-                centralized = {**values, "strategy": "centralized"}
+                centralized = {**values, "strategy": "centralized", "mode": "sync"}
                 cfg = _config(spec, defaults, centralized, p.seed, out, name)
                 refs[name] = Point(values, p.seed, name, cfg, reference=True)
     everything = [*refs.values(), *points]

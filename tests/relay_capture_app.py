@@ -47,6 +47,13 @@ class RecordingGrid:
     def send_and_receive(self, messages, *args, **kwargs):
         messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, *args, **kwargs))
+        # mode=async: which activation each node ran (a call sends a node one message at most)
+        activation_of = {
+            m.metadata.dst_node_id: int(m.content.config_records["config"]["activation"])
+            for m in messages
+            if "config" in m.content.config_records
+            and "activation" in m.content.config_records["config"]
+        }
         for reply in replies:
             if reply.has_error():
                 continue
@@ -58,7 +65,8 @@ class RecordingGrid:
             for key, record in reply.content.array_records.items():
                 if key == "out" and len(record):  # one message for every receiver
                     self.replies.append({"round": rnd, "node": self.partition_of[src],
-                                         "to": None, "out": record_hash(record)})  # fmt: skip
+                                         "to": None, "out": record_hash(record),
+                                         "activation": activation_of.get(src)})  # fmt: skip
                 elif key.startswith(OUTBOX_PREFIX):  # a message for one receiver
                     self.replies.append({"round": rnd, "node": self.partition_of[src],
                                          "to": int(key[len(OUTBOX_PREFIX):]),
@@ -71,8 +79,10 @@ class RecordingGrid:
                 for key, rec in msg.content.array_records.items()
                 if key.startswith(INBOX_PREFIX)
             }
+            config = msg.content.config_records["config"]
             self.sent.append({
-                "round": int(msg.content.config_records["config"]["round"]),
+                "round": int(config["round"]),
+                "activation": int(config["activation"]) if "activation" in config else None,
                 "node": self.partition_of[msg.metadata.dst_node_id],
                 "kind": msg.metadata.message_type,
                 "inbox": inbox,

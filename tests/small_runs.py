@@ -82,6 +82,20 @@ CASES = {
         0.6,
         0.55,
     ),  # 0.76 / 0.72  # fmt: skip
+    # mode=async with equal speeds and no latency: the same schedule as sync, the same numbers
+    "dsgd-async-equal-speeds": ({"mode": "async"}, 0.55, 0.5),  # 0.70 / 0.68, as dsgd
+    # a quarter of the nodes 4x slower, spread speeds and link latencies: fast nodes run ahead
+    "dsgd-async-slow-nodes": (
+        {
+            "mode": "async",
+            "slow_fraction": 0.25,
+            "speed_spread": 0.3,
+            "latency": 0.5,
+            "latency_spread": 0.5,
+        },
+        0.65,
+        0.6,
+    ),  # fmt: skip
 }
 
 

@@ -1,0 +1,269 @@
+"""``mode=async``: the relay runs every node at its own pace on the simulated clock.
+
+No node waits for another. Node i's k-th activation starts when its (k-1)-th ends; it combines
+its own model with the latest message each in-neighbour had delivered by then (``clock``), trains
+its local steps and sends. The whole schedule follows from the clock, so the relay knows before
+the run which message each activation combines; it sends the activations to Flower in waves of
+those whose inputs are computed (``AsyncSchedule.waves``), each wave one ``send_and_receive``,
+which keeps the engine's actors busy and makes the results independent of how long anything
+really took.
+
+What the ClientApp receives is the same ``train`` message as in sync mode (its ``in:<j>``
+records, a round config), plus ``activation``, which seeds its minibatch order. Its ``round``
+is the sync round its start falls in, which sets the learning-rate schedule. The relay still
+only relays: it keeps each node's last messages until no receiver can combine them any more.
+
+``metrics.jsonl`` has a record per node at every multiple of the sync round time, like a sync
+run: the model each node held then (evaluated every ``eval-every``), cumulative bytes, the mean
+training loss of the activations that ended in the interval, how many there were, and the
+staleness of the messages they combined: age (simulated seconds since sent) and lag (newer
+messages of that sender already sent but still in flight).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import defaultdict
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.result import Result
+
+from flower_p2p.checkpoint import Checkpoint
+from flower_p2p.clock import AsyncSchedule, Plan, run_clock
+from flower_p2p.config import ExperimentConfig
+from flower_p2p.consensus import ConsensusMeter
+from flower_p2p.gossip_strategy import (
+    GossipStrategy,
+    ask_every_node,
+    discover_nodes,
+    round_message,
+)
+from flower_p2p.results import FINAL_DIR
+from flower_p2p.wire import MONITOR, from_record
+
+_EPS = 1e-9
+
+
+class AsyncGossipStrategy(GossipStrategy):
+    """Neighbour-only relaying without rounds: activations ordered by simulated time."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, out: Path | None = None, configure_nodes: bool = False
+    ) -> None:
+        super().__init__(cfg, out, configure_nodes)
+        clock = run_clock(cfg)
+        assert clock is not None  # config: async needs a network
+        self.round_time = clock.round_time
+        self.eval_rounds = sorted({q for q in range(cfg.num_rounds) if q % cfg.eval_every == 0}
+                                  | {cfg.num_rounds})  # fmt: skip
+        self.schedule = AsyncSchedule(
+            clock, cfg.num_rounds * self.round_time, [q * self.round_time for q in self.eval_rounds]
+        )
+        self.clock = clock
+        # what each sender sent, kept while some receiver may still combine it
+        self.sent: dict[int, dict[int, ArrayRecord]] = defaultdict(dict)
+        self.meters: dict[int, ConsensusMeter] = defaultdict(ConsensusMeter)
+        # per (record round, node): sums the record's interval gathers as activations complete
+        self.intervals: dict[tuple[int, int], dict] = {}
+        self.sent_bytes = defaultdict(int)  # (record round, node) -> bytes put on the network
+        self.received_bytes = defaultdict(int)
+        self.next_close = 0
+        self.next_start = dict.fromkeys(self.nodes, 0.0)  # each node's next activation start
+
+    def record_of(self, t: float) -> int:
+        """The record (multiple of the round time) whose interval ((q-1)T, qT] holds time t."""
+        return min(max(math.ceil(t / self.round_time - _EPS), 0), self.cfg.num_rounds)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+        resume: Checkpoint | None = None,
+    ) -> Result:
+        """Run every activation in simulated-time order, then the final evaluation."""
+        if evaluate_fn is not None:
+            raise ValueError("GossipStrategy has no global model for evaluate_fn to evaluate")
+        if resume is not None:
+            raise ValueError("mode=async runs are not checkpointed, so none can be resumed")
+        self.summary()
+        log(INFO, "\t    mode=async: %d activations on the simulated clock (%.4g s; a sync "
+            "round: %.4g s)", len(self.schedule.plans), self.schedule.horizon,
+            self.round_time)  # fmt: skip
+        self.node_ids = discover_nodes(grid, self.nodes)
+        self.pid_of = {nid: pid for pid, nid in self.node_ids.items()}
+        if self.configure_nodes:
+            experiment = {"experiment": uuid.uuid4().hex, **self.cfg.to_run_config()}
+            errors = ask_every_node(grid, self.node_ids, "configure", experiment)
+            if errors:
+                raise RuntimeError(f"could not configure the nodes: {'; '.join(errors)}")
+        extra = dict(train_config or {})
+        waves = self.schedule.waves()
+        for w, wave in enumerate(waves):
+            messages = [self._activation_message(plan, extra) for plan in wave]
+            replies = {self.pid_of[r.metadata.src_node_id]: r
+                       for r in grid.send_and_receive(messages, timeout=timeout)}  # fmt: skip
+            for plan in wave:
+                self._collect_activation(plan, replies.get(plan.activation.node))
+                self.next_start[plan.activation.node] = plan.activation.end
+            upcoming = waves[w + 1] if w + 1 < len(waves) else []
+            self._close_records_before(min((p.activation.start for p in upcoming),
+                                           default=self.schedule.horizon))  # fmt: skip
+            self._forget_unneeded()
+        result = Result()
+        final = self._final_evaluation(grid, evaluate_config or ConfigRecord(), timeout)
+        if final is not None:
+            result.evaluate_metrics_clientapp[self.cfg.num_rounds] = final
+        return result
+
+    # ---- one activation ----------------------------------------------------------------------
+
+    def _activation_message(self, plan: Plan, extra: dict) -> Message:
+        """The activation's ``train`` message: the round its start falls in sets its lr."""
+        act = plan.activation
+        inbox = {j: self.sent[j][k] for j, k in plan.inbox.items()}
+        rnd = min(self.record_of(act.start) + 1, self.cfg.num_rounds)
+        return round_message(rnd, bool(plan.evals), inbox, self.node_ids[act.node],
+                             MessageType.TRAIN, {**extra, "activation": act.index})  # fmt: skip
+
+    def _collect_activation(self, plan: Plan, reply: Message | None) -> None:
+        act = plan.activation
+        if reply is None or reply.has_error():
+            reason = "no reply" if reply is None else reply.error.reason
+            # No fault is injected in async mode: a node that raises is a broken run.
+            raise RuntimeError(f"node {act.node} failed in its activation {act.index} "
+                               f"(simulated time {act.start:.4g} s): {reason}")  # fmt: skip
+        m = reply.content.metric_records["metrics"]
+        for q in plan.evals:
+            self._record_evaluation_at(self.eval_rounds[q], act.node, reply)
+        record = reply.content.array_records["out"]
+        self.sent[act.node][act.index] = record
+        payload = int(m["payload_bytes"])
+        receivers = self.clock.out_neighbours[act.node]
+        self.traffic.count_sent(act.node, payload, len(receivers))
+        self.sent_bytes[(self.record_of(act.end), act.node)] += payload * len(receivers)
+        for i in receivers:
+            arrives = act.end + self.clock.latency[(act.node, i)]
+            if arrives <= self.schedule.horizon + _EPS:  # after the run: never received
+                self.traffic.count_delivery(i, [payload])
+                self.received_bytes[(self.record_of(arrives), i)] += payload
+        interval = self.intervals.setdefault(
+            (self.record_of(act.end), act.node),
+            {"losses": [], "ages": [], "lags": []},
+        )
+        interval["losses"].append(float(m["train_loss"]))
+        interval["ages"].extend(plan.age[j] for j in sorted(plan.age))
+        interval["lags"].extend(plan.lag[j] for j in sorted(plan.lag))
+
+    def _record_evaluation_at(self, q: int, pid: int, reply: Message) -> None:
+        m = reply.content.metric_records["metrics"]
+        self.rec.update(q, pid, accuracy=m["accuracy"], loss=m["loss"],
+                        unseen_accuracy=m.get("unseen_accuracy"),
+                        domain_accuracy=m.get("domain_accuracy"))  # fmt: skip
+        if MONITOR in reply.content.array_records:
+            self.meters[q].add(from_record(reply.content.array_records[MONITOR]))
+
+    # ---- records -----------------------------------------------------------------------------
+
+    def _close_records_before(self, t: float) -> None:
+        """Append every record whose time is before ``t``: nothing that starts later changes it."""
+        while self.next_close < self.cfg.num_rounds and (
+            self.next_close * self.round_time < t - _EPS * max(1.0, t)
+        ):
+            self._close(self.next_close)
+            self.next_close += 1
+
+    def _close(self, q: int) -> None:
+        """Record ``q``: simulated time q * round time, cumulative bytes, the interval's figures."""
+        for p in self.nodes:
+            interval = self.intervals.pop((q, p), None)
+            values: dict = {"sim_time": q * self.round_time, "activations": 0,
+                            "staleness_mean_s": None, "staleness_max_s": None,
+                            "staleness_max_lag": None}  # fmt: skip
+            if interval is not None:
+                values.update(
+                    train_loss=float(np.mean(interval["losses"])),
+                    activations=len(interval["losses"]),
+                    staleness_mean_s=float(np.mean(interval["ages"])) if interval["ages"] else None,
+                    staleness_max_s=float(np.max(interval["ages"])) if interval["ages"] else None,
+                    staleness_max_lag=int(np.max(interval["lags"])) if interval["lags"] else None,
+                )  # fmt: skip
+            self._cumulative_bytes(q, p)
+            self.rec.update(q, p, **values)
+        meter = self.meters.pop(q, None)
+        if q:  # like sync, network.jsonl starts at round 1 (every model starts the same)
+            self.rec.close_round({"round": q, "sim_time": q * self.round_time,
+                                  "wall_s": self.elapsed()})  # fmt: skip
+            self.rec.complete_pending(meter.by_group() if meter and meter.count else None)
+        self.rec.close_through(q)
+        if q:
+            line = self.progress.tick(q, self.elapsed())
+            accs = self.rec.round_accuracies(q)
+            if accs:
+                mean, worst = 100 * np.mean(accs), 100 * np.min(accs)
+                line += (f"  mean node accuracy at simulated time {q * self.round_time:.4g} s: "
+                         f"{mean:.1f}% (worst {worst:.1f}%)")  # fmt: skip
+            log(INFO, "%s", line)
+
+    def _cumulative_bytes(self, q: int, p: int) -> None:
+        prev = self.rec.closed.get(p) if q else None
+        sent = (prev["bytes_sent"] if prev else 0) + self.sent_bytes.pop((q, p), 0)
+        received = (prev["bytes_received"] if prev else 0) + self.received_bytes.pop((q, p), 0)
+        self.rec.update(q, p, bytes_sent=sent, bytes_received=received, network_bytes=sent)
+
+    def _forget_unneeded(self) -> None:
+        """Drop each sender's messages older than the oldest any receiver may still combine.
+
+        A receiver combines, from now on, what was delivered by its next start or later (the
+        final evaluation included), never older: memory stays a few messages per link.
+        """
+        for j, msgs in self.sent.items():
+            keep = min((self.schedule.delivered(j, i, self.next_start[i])
+                        for i in self.clock.out_neighbours[j]), default=0)  # fmt: skip
+            for k in [k for k in msgs if k < keep]:
+                del msgs[k]
+
+    # ---- the end -----------------------------------------------------------------------------
+
+    def _final_evaluation(self, grid: Grid, config: ConfigRecord, timeout: float):
+        last = self.cfg.num_rounds
+        extra = dict(config)
+        if self.out is not None:
+            extra["final-dir"] = str(self.out / FINAL_DIR)
+        messages = []
+        for p in self.nodes:
+            inbox = {j: self.sent[j][k] for j, k in self.schedule.final_inbox(p).items()}
+            messages.append(
+                round_message(
+                    last + 1,
+                    True,
+                    inbox,
+                    self.node_ids[p],
+                    MessageType.EVALUATE,
+                    {**extra, "activation": self.schedule.count[p] + 1},
+                )
+            )
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        # in node order, not arrival order: the consensus distance sums in a fixed order
+        for reply in sorted(replies, key=lambda r: self.pid_of[r.metadata.src_node_id]):
+            pid = self.pid_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                raise RuntimeError(f"node {pid} failed in the final evaluation: "
+                                   f"{reply.error.reason}")  # fmt: skip
+            self._record_evaluation_at(last, pid, reply)
+        self._close(last)
+        accs = self.rec.round_accuracies(last)
+        if not accs:
+            return None
+        return MetricRecord({"accuracy_mean": float(np.mean(accs)),
+                             "accuracy_min": float(np.min(accs))})  # fmt: skip
