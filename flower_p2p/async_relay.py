@@ -1,22 +1,24 @@
 """``mode=async``: the relay runs every node at its own pace on the simulated clock.
 
-No node waits for another. Node i's k-th activation starts when its (k-1)-th ends; it combines
-its own model with the latest message each in-neighbour had delivered by then (``clock``), trains
-its local steps and sends. The whole schedule follows from the clock, so the relay knows before
-the run which message each activation combines; it sends the activations to Flower in waves of
-those whose inputs are computed (``AsyncSchedule.waves``), each wave one ``send_and_receive``,
-which keeps the engine's actors busy and makes the results independent of how long anything
-really took.
+No node waits for another. The whole schedule follows from the clock (``flower_p2p.clock``):
+which call each node gets when, and which message each call combines. Async DSGD: node i's k-th
+activation starts when its (k-1)-th ends and combines the latest message each in-neighbour had
+delivered by then. AD-PSGD: at the end of each activation a node averages with one neighbour,
+two calls at the same simulated time (``PairwiseSchedule``). The relay sends the calls to Flower
+in waves of those whose inputs are computed (``Schedule.waves``), each wave one
+``send_and_receive``, which keeps the engine's actors busy and makes the results independent of
+how long anything really took.
 
 What the ClientApp receives is the same ``train`` message as in sync mode (its ``in:<j>``
-records, a round config), plus ``activation``, which seeds its minibatch order. Its ``round``
-is the sync round its start falls in, which sets the learning-rate schedule. The relay still
-only relays: it keeps each node's last messages until no receiver can combine them any more.
+records, a round config), plus ``activation`` (the node's call count, which seeds its minibatch
+order) and, for AD-PSGD, ``event`` and ``train``. Its ``round`` is the sync round its start
+falls in, which sets the learning-rate schedule. The relay still only relays: it keeps each
+message until no later call combines it (``forget_after``).
 
 ``metrics.jsonl`` has a record per node at every multiple of the sync round time, like a sync
 run: the model each node held then (evaluated every ``eval-every``), cumulative bytes, the mean
 training loss of the activations that ended in the interval, how many there were, and the
-staleness of the messages they combined: age (simulated seconds since sent) and lag (newer
+staleness of the messages combined: age (simulated seconds since sent or made) and lag (newer
 messages of that sender already sent but still in flight).
 """
 
@@ -35,7 +37,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.result import Result
 
 from flower_p2p.checkpoint import Checkpoint
-from flower_p2p.clock import AsyncSchedule, Plan, run_clock
+from flower_p2p.clock import Plan, Schedule, run_clock, schedule_for
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.consensus import ConsensusMeter
 from flower_p2p.gossip_strategy import (
@@ -45,7 +47,7 @@ from flower_p2p.gossip_strategy import (
     round_message,
 )
 from flower_p2p.results import FINAL_DIR
-from flower_p2p.wire import MONITOR, from_record
+from flower_p2p.wire import MONITOR, from_record, payload_bytes
 
 _EPS = 1e-9
 
@@ -62,9 +64,10 @@ class AsyncGossipStrategy(GossipStrategy):
         self.round_time = clock.round_time
         self.eval_rounds = sorted({q for q in range(cfg.num_rounds) if q % cfg.eval_every == 0}
                                   | {cfg.num_rounds})  # fmt: skip
-        self.schedule = AsyncSchedule(
-            clock, cfg.num_rounds * self.round_time, [q * self.round_time for q in self.eval_rounds]
-        )
+        self.schedule = schedule_for(
+            cfg, clock, cfg.num_rounds * self.round_time,
+            [q * self.round_time for q in self.eval_rounds],
+        )  # fmt: skip
         self.clock = clock
         # what each sender sent, kept while some receiver may still combine it
         self.sent: dict[int, dict[int, ArrayRecord]] = defaultdict(dict)
@@ -74,7 +77,6 @@ class AsyncGossipStrategy(GossipStrategy):
         self.sent_bytes = defaultdict(int)  # (record round, node) -> bytes put on the network
         self.received_bytes = defaultdict(int)
         self.next_close = 0
-        self.next_start = dict.fromkeys(self.nodes, 0.0)  # each node's next activation start
 
     def record_of(self, t: float) -> int:
         """The record (multiple of the round time) whose interval ((q-1)T, qT] holds time t."""
@@ -97,7 +99,7 @@ class AsyncGossipStrategy(GossipStrategy):
         if resume is not None:
             raise ValueError("mode=async runs are not checkpointed, so none can be resumed")
         self.summary()
-        log(INFO, "\t    mode=async: %d activations on the simulated clock (%.4g s; a sync "
+        log(INFO, "\t    mode=async: %d node calls on the simulated clock (%.4g s; a sync "
             "round: %.4g s)", len(self.schedule.plans), self.schedule.horizon,
             self.round_time)  # fmt: skip
         self.node_ids = discover_nodes(grid, self.nodes)
@@ -109,17 +111,18 @@ class AsyncGossipStrategy(GossipStrategy):
                 raise RuntimeError(f"could not configure the nodes: {'; '.join(errors)}")
         extra = dict(train_config or {})
         waves = self.schedule.waves()
+        forget = forget_after(self.schedule, waves)
         for w, wave in enumerate(waves):
             messages = [self._activation_message(plan, extra) for plan in wave]
             replies = {self.pid_of[r.metadata.src_node_id]: r
                        for r in grid.send_and_receive(messages, timeout=timeout)}  # fmt: skip
             for plan in wave:
                 self._collect_activation(plan, replies.get(plan.activation.node))
-                self.next_start[plan.activation.node] = plan.activation.end
             upcoming = waves[w + 1] if w + 1 < len(waves) else []
             self._close_records_before(min((p.activation.start for p in upcoming),
                                            default=self.schedule.horizon))  # fmt: skip
-            self._forget_unneeded()
+            for j, k in forget.get(w, ()):  # no call left combines these messages
+                del self.sent[j][k]
         result = Result()
         final = self._final_evaluation(grid, evaluate_config or ConfigRecord(), timeout)
         if final is not None:
@@ -133,8 +136,13 @@ class AsyncGossipStrategy(GossipStrategy):
         act = plan.activation
         inbox = {j: self.sent[j][k] for j, k in plan.inbox.items()}
         rnd = min(self.record_of(act.start) + 1, self.cfg.num_rounds)
+        config = {**extra, "activation": act.index}
+        if plan.event is not None:
+            config["event"] = plan.event
+        if not plan.train:
+            config["train"] = False
         return round_message(rnd, bool(plan.evals), inbox, self.node_ids[act.node],
-                             MessageType.TRAIN, {**extra, "activation": act.index})  # fmt: skip
+                             MessageType.TRAIN, config)  # fmt: skip
 
     def _collect_activation(self, plan: Plan, reply: Message | None) -> None:
         act = plan.activation
@@ -148,22 +156,35 @@ class AsyncGossipStrategy(GossipStrategy):
             self._record_evaluation_at(self.eval_rounds[q], act.node, reply)
         record = reply.content.array_records["out"]
         self.sent[act.node][act.index] = record
-        payload = int(m["payload_bytes"])
-        receivers = self.clock.out_neighbours[act.node]
-        self.traffic.count_sent(act.node, payload, len(receivers))
-        self.sent_bytes[(self.record_of(act.end), act.node)] += payload * len(receivers)
+        if plan.broadcast:  # async DSGD: sent to every out-neighbour when the activation ends
+            self._count_broadcast(act.node, act.end, int(m["payload_bytes"]))
+        else:  # AD-PSGD: a model travels when an exchange combines it
+            at = self.record_of(act.start)
+            for j, k in sorted(plan.inbox.items()):
+                payload = payload_bytes(self.sent[j][k])
+                self.traffic.count_sent(j, payload, 1)
+                self.traffic.count_delivery(act.node, [payload])
+                self.sent_bytes[(at, j)] += payload
+                self.received_bytes[(at, act.node)] += payload
+        interval = self.intervals.setdefault(
+            (self.record_of(act.end if plan.train else act.start), act.node),
+            {"losses": [], "ages": [], "lags": []},
+        )
+        if plan.train:
+            interval["losses"].append(float(m["train_loss"]))
+        interval["ages"].extend(plan.age[j] for j in sorted(plan.age))
+        interval["lags"].extend(plan.lag[j] for j in sorted(plan.lag))
+
+    def _count_broadcast(self, node: int, at: float, payload: int) -> None:
+        """``node`` sent ``payload`` bytes to each out-neighbour at ``at``; each gets it later."""
+        receivers = self.clock.out_neighbours[node]
+        self.traffic.count_sent(node, payload, len(receivers))
+        self.sent_bytes[(self.record_of(at), node)] += payload * len(receivers)
         for i in receivers:
-            arrives = act.end + self.clock.latency[(act.node, i)]
+            arrives = at + self.clock.latency[(node, i)]
             if arrives <= self.schedule.horizon + _EPS:  # after the run: never received
                 self.traffic.count_delivery(i, [payload])
                 self.received_bytes[(self.record_of(arrives), i)] += payload
-        interval = self.intervals.setdefault(
-            (self.record_of(act.end), act.node),
-            {"losses": [], "ages": [], "lags": []},
-        )
-        interval["losses"].append(float(m["train_loss"]))
-        interval["ages"].extend(plan.age[j] for j in sorted(plan.age))
-        interval["lags"].extend(plan.lag[j] for j in sorted(plan.lag))
 
     def _record_evaluation_at(self, q: int, pid: int, reply: Message) -> None:
         m = reply.content.metric_records["metrics"]
@@ -192,7 +213,7 @@ class AsyncGossipStrategy(GossipStrategy):
                             "staleness_max_lag": None}  # fmt: skip
             if interval is not None:
                 values.update(
-                    train_loss=float(np.mean(interval["losses"])),
+                    train_loss=float(np.mean(interval["losses"])) if interval["losses"] else None,
                     activations=len(interval["losses"]),
                     staleness_mean_s=float(np.mean(interval["ages"])) if interval["ages"] else None,
                     staleness_max_s=float(np.max(interval["ages"])) if interval["ages"] else None,
@@ -221,18 +242,6 @@ class AsyncGossipStrategy(GossipStrategy):
         received = (prev["bytes_received"] if prev else 0) + self.received_bytes.pop((q, p), 0)
         self.rec.update(q, p, bytes_sent=sent, bytes_received=received, network_bytes=sent)
 
-    def _forget_unneeded(self) -> None:
-        """Drop each sender's messages older than the oldest any receiver may still combine.
-
-        A receiver combines, from now on, what was delivered by its next start or later (the
-        final evaluation included), never older: memory stays a few messages per link.
-        """
-        for j, msgs in self.sent.items():
-            keep = min((self.schedule.delivered(j, i, self.next_start[i])
-                        for i in self.clock.out_neighbours[j]), default=0)  # fmt: skip
-            for k in [k for k in msgs if k < keep]:
-                del msgs[k]
-
     # ---- the end -----------------------------------------------------------------------------
 
     def _final_evaluation(self, grid: Grid, config: ConfigRecord, timeout: float):
@@ -243,16 +252,11 @@ class AsyncGossipStrategy(GossipStrategy):
         messages = []
         for p in self.nodes:
             inbox = {j: self.sent[j][k] for j, k in self.schedule.final_inbox(p).items()}
-            messages.append(
-                round_message(
-                    last + 1,
-                    True,
-                    inbox,
-                    self.node_ids[p],
-                    MessageType.EVALUATE,
-                    {**extra, "activation": self.schedule.count[p] + 1},
-                )
-            )
+            config = {**extra, "activation": self.schedule.calls[p] + 1}
+            if self.schedule.final_event is not None:
+                config["event"] = self.schedule.final_event
+            messages.append(round_message(last + 1, True, inbox, self.node_ids[p],
+                                          MessageType.EVALUATE, config))  # fmt: skip
         replies = grid.send_and_receive(messages, timeout=timeout)
         # in node order, not arrival order: the consensus distance sums in a fixed order
         for reply in sorted(replies, key=lambda r: self.pid_of[r.metadata.src_node_id]):
@@ -267,3 +271,25 @@ class AsyncGossipStrategy(GossipStrategy):
             return None
         return MetricRecord({"accuracy_mean": float(np.mean(accs)),
                              "accuracy_min": float(np.min(accs))})  # fmt: skip
+
+
+def forget_after(schedule: Schedule, waves: list[list[Plan]]) -> dict[int, list[tuple[int, int]]]:
+    """For each wave, the messages (sender, number) no later call combines: drop them after it.
+
+    Messages the final evaluation combines are kept to the end. The relay thus holds a few
+    messages per link, not every message of the run.
+    """
+    made: dict[tuple[int, int], int] = {}
+    last_use: dict[tuple[int, int], int] = {}
+    for w, wave in enumerate(waves):
+        for plan in wave:
+            made[(plan.activation.node, plan.activation.index)] = w
+            for ref in plan.inbox.items():
+                last_use[ref] = w
+    kept = {(j, k) for p in range(schedule.clock.num_nodes)
+            for j, k in schedule.final_inbox(p).items()}  # fmt: skip
+    forget: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for key, w in made.items():
+        if key not in kept:
+            forget[max(w, last_use.get(key, w))].append(key)
+    return forget

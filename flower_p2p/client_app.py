@@ -92,6 +92,9 @@ def _step(msg: Message, context: Context, train: bool) -> Message:
     algo_state = from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state else None
     optim = from_record(state.array_records[STATE_OPTIM]) if STATE_OPTIM in state else None
     config = msg.content.config_records["config"]
+    if "event" in config:  # mode=async: what this call is (AD-PSGD)
+        combine_kwargs["event"] = str(config["event"])
+    train = train and bool(config.get("train", True))  # mode=async: a call may train nothing
     result = run_round(
         rt,
         algo,

@@ -42,7 +42,7 @@ _EPS = 1e-9
 
 _SPEED_STREAM, _LATENCY_STREAM = 0x5EED, 0x1A7E
 # Gossip algorithms that run without rounds: they combine whatever latest messages arrived.
-ASYNC_STRATEGIES = ("dsgd",)
+ASYNC_STRATEGIES = ("dsgd", "ad-psgd")
 
 
 def check_clock(cfg) -> None:  # cfg: ExperimentConfig
@@ -67,6 +67,13 @@ def check_clock(cfg) -> None:  # cfg: ExperimentConfig
             f"0 with topology={cfg.topology}: per-link latencies belong to fixed links, and a "
             "per-round graph's links change (latency sets one latency for every link)",
         )  # fmt: skip
+    if cfg.strategy == "ad-psgd" and cfg.mode != "async":
+        raise ConfigError(
+            "mode", cfg.mode,
+            "async with strategy=ad-psgd: its pairwise averaging happens when a node's activation "
+            "ends, at its own pace; in rounds it would be gossip with one random neighbour "
+            "(dsgd on topology=random-matching)",
+        )  # fmt: skip
     if cfg.mode == "sync":
         return
     if cfg.strategy not in ASYNC_STRATEGIES:
@@ -84,6 +91,15 @@ def check_clock(cfg) -> None:  # cfg: ExperimentConfig
             "a static graph with mode=async: a per-round graph changes at round boundaries, "
             "and async nodes have no common rounds",
         )  # fmt: skip
+    if cfg.strategy == "ad-psgd":
+        from flower_p2p.schedules import topology_at
+
+        if topology_at(cfg, 1).graph.is_directed():
+            raise ConfigError(
+                "topology", cfg.topology,
+                "an undirected graph with strategy=ad-psgd: a pair averages both ways, so each "
+                "of its links must carry messages in both directions",
+            )  # fmt: skip
     for key in ("node-dropout", "link-drop", "straggler", "fail-every", "checkpoint-every"):
         value = getattr(cfg, key.replace("-", "_"))
         if value:
@@ -166,13 +182,17 @@ class Activation:
 
 @dataclass
 class Plan:
-    """What one activation combines, and what it is evaluated for.
+    """One call of a node by the relay: what it combines, and what it is evaluated for.
 
-    ``inbox[j] = k``: the message j sent at the end of its k-th activation (the latest delivered
-    by ``start``); ``age[j]``: how long ago that message was sent; ``lag[j]``: how many newer
-    messages j had already sent that had not arrived yet (in flight). ``evals``: the evaluation
-    points (indices into ``AsyncSchedule.eval_points``) whose model is this activation's combined
-    one.
+    ``activation.index`` counts the node's calls, and its reply is that node's message number
+    ``index``. ``inbox[j] = k``: node j's message number k (async DSGD: the latest j had
+    delivered by ``start``). ``age[j]``: how long ago that message was sent; ``lag[j]``: how many
+    newer messages j had already sent that had not arrived yet (in flight). ``evals``: the
+    evaluation points (indices into ``eval_points``) whose model is this call's combined one.
+    ``train``: the call starts local work (it ends at ``activation.end``). ``event``: what the
+    call is, for algorithms whose combine depends on it (AD-PSGD). ``broadcast``: the reply is
+    sent to every out-neighbour at ``activation.end`` (async DSGD); otherwise messages travel
+    only as inboxes, when they are combined (AD-PSGD's exchanges).
     """
 
     activation: Activation
@@ -180,21 +200,71 @@ class Plan:
     age: dict[int, float] = field(default_factory=dict)
     lag: dict[int, int] = field(default_factory=dict)
     evals: list[int] = field(default_factory=list)
+    train: bool = True
+    event: str | None = None
+    broadcast: bool = True
 
 
-class AsyncSchedule:
-    """Every activation of an async run, what each combines, and the order they can run in.
+class Schedule:
+    """Every call of an async run, and the order they can run in.
 
-    ``eval_points`` are the simulated times at which every node's model is evaluated; a node's
-    model at time t is the one it combined at its latest activation start <= t (the final point,
-    the horizon, is evaluated by the relay's final evaluation, not by an activation).
+    ``eval_points`` are the simulated times at which every node's model is evaluated (the final
+    point, the horizon, is evaluated by the relay's final evaluation, not by a call).
     """
+
+    final_event: str | None = None  # the ``event`` of the final evaluation's call
 
     def __init__(self, clock: Clock, horizon: float, eval_points: list[float]) -> None:
         self.clock, self.horizon = clock, horizon
         self.eval_points = list(eval_points)
-        self.count = [self._activations_by(c, horizon) for c in clock.compute]
         self.plans: dict[tuple[int, int], Plan] = {}
+        self.calls = [0] * clock.num_nodes  # calls per node (plans (i, 1) ... (i, calls[i]))
+
+    def final_inbox(self, node: int) -> dict[int, int]:
+        """What ``node`` combines for the final evaluation, at the horizon."""
+        raise NotImplementedError
+
+    def waves(self) -> list[list[Plan]]:
+        """The calls in batches that can each run at once, in simulated-time order.
+
+        A call can run once its node's previous one and every message it combines have been
+        computed. Each batch holds every call that is then ready (at most one per node); the
+        earliest call left is always ready, so batches never stall.
+        """
+        done: set[tuple[int, int]] = set()
+        nxt = [1] * self.clock.num_nodes
+        batches = []
+        while True:
+            batch = []
+            for i in range(self.clock.num_nodes):
+                k = nxt[i]
+                if k > self.calls[i]:
+                    continue
+                plan = self.plans[(i, k)]
+                if all((j, m) in done for j, m in plan.inbox.items()):
+                    batch.append(plan)
+            if not batch:
+                break
+            for plan in batch:
+                done.add((plan.activation.node, plan.activation.index))
+                nxt[plan.activation.node] += 1
+            batches.append(batch)
+        if len(done) != len(self.plans):  # cannot happen with compute > 0; never silently
+            raise RuntimeError("async schedule stalled: a call waits on a later one")
+        return batches
+
+
+class AsyncSchedule(Schedule):
+    """Async DSGD: each activation combines the latest message each in-neighbour delivered.
+
+    Node i's k-th activation is its k-th call, over [(k-1) c_i, k c_i]; a node's model at an
+    evaluation point t is the one it combined at its latest activation start <= t.
+    """
+
+    def __init__(self, clock: Clock, horizon: float, eval_points: list[float]) -> None:
+        super().__init__(clock, horizon, eval_points)
+        self.count = [self._activations_by(c, horizon) for c in clock.compute]
+        self.calls = list(self.count)
         for i, c in enumerate(clock.compute):
             for k in range(1, self.count[i] + 1):
                 act = Activation(i, k, (k - 1) * c, k * c)
@@ -233,7 +303,7 @@ class AsyncSchedule:
         return plan
 
     def final_inbox(self, node: int) -> dict[int, int]:
-        """What ``node`` combines for the final evaluation, at the horizon."""
+        """The latest message of each in-neighbour delivered by the horizon."""
         inbox = {}
         for j in self.clock.in_neighbours[node]:
             k = self.delivered(j, node, self.horizon)
@@ -241,34 +311,91 @@ class AsyncSchedule:
                 inbox[j] = k
         return inbox
 
-    def waves(self) -> list[list[Plan]]:
-        """The activations in batches that can each run at once, in simulated-time order.
 
-        An activation can run once its node's previous one and every message it combines have
-        been computed. Each batch holds every activation that is then ready (at most one per
-        node); the earliest-starting activation left is always ready, so batches never stall.
-        """
-        done: set[tuple[int, int]] = set()
-        nxt = [1] * self.clock.num_nodes
-        batches = []
-        while True:
-            batch = []
-            for i in range(self.clock.num_nodes):
-                k = nxt[i]
-                if k > self.count[i]:
-                    continue
-                plan = self.plans[(i, k)]
-                if all((j, m) in done for j, m in plan.inbox.items()):
-                    batch.append(plan)
-            if not batch:
-                break
-            for plan in batch:
-                done.add((plan.activation.node, plan.activation.index))
-                nxt[plan.activation.node] += 1
-            batches.append(batch)
-        if len(done) != len(self.plans):  # cannot happen with compute > 0; never silently
-            raise RuntimeError("async schedule stalled: an activation waits on a later one")
-        return batches
+_PARTNER_STREAM = 0xAD95
+
+
+def partner(seed: int, node: int, k: int, neighbours: tuple[int, ...]) -> int:
+    """The neighbour ``node`` averages with at the end of its k-th activation (uniform)."""
+    rng = np.random.default_rng([seed, _PARTNER_STREAM, node, k])
+    return neighbours[int(rng.integers(len(neighbours)))]
+
+
+class PairwiseSchedule(Schedule):
+    """AD-PSGD (Lian et al., 2018): pairwise averaging at the end of every activation.
+
+    Node i computes its local steps on the model it held when the activation started; at the
+    end it averages atomically with one neighbour p drawn from the seed (both take
+    (x_i + x_p) / 2), then adds its own update. The exchange needs p's model to come back, so an
+    activation lasts ``compute_i + latency(i, p) + latency(p, i)``. Every node's model changes at
+    its own exchanges and at those a neighbour starts with it, so each exchange is two calls at
+    the same simulated time: ``finish`` at i (partner's model in, its update applied, the next
+    activation started) and ``pair`` at p (i's model in, nothing trained). Both combine the
+    model the other held just before: message number k of a node is its model after its k-th
+    call, and a node's first call (``start``, at 0) starts its first activation. A node's model
+    at an evaluation point is the one after its latest call at or before it.
+    """
+
+    final_event = "final"
+
+    def __init__(self, clock: Clock, horizon: float, eval_points: list[float],
+                 seed: int) -> None:  # fmt: skip
+        super().__init__(clock, horizon, eval_points)
+        n = clock.num_nodes
+        ends: list[list[float]] = [[] for _ in range(n)]
+        events = []  # (time, node, activation, partner)
+        for i in range(n):
+            t, k = 0.0, 1
+            while True:
+                p = partner(seed, i, k, clock.out_neighbours[i])
+                end = t + clock.compute[i] + clock.latency[(i, p)] + clock.latency[(p, i)]
+                if end > horizon + _EPS * max(1.0, horizon):
+                    break
+                events.append((end, i, k, p))
+                ends[i].append(end)
+                t, k = end, k + 1
+        self.count = [len(e) for e in ends]  # activations that end by the horizon
+        version = [1] * n  # the message number of each node's model now
+        made_at = [[0.0, 0.0] for _ in range(n)]  # made_at[i][v]: when message v was made
+        for i in range(n):
+            end = ends[i][0] if ends[i] else 0.0
+            self._add(Plan(Activation(i, 1, 0.0, end), train=bool(ends[i]), event="start",
+                           broadcast=False))  # fmt: skip
+        for t, i, k, p in sorted(events):
+            vi, vp = version[i], version[p]
+            nxt = ends[i][k] if k < len(ends[i]) else t  # the activation this call starts
+            self._add(Plan(Activation(i, vi + 1, t, nxt), inbox={p: vp},
+                           age={p: t - made_at[p][vp]}, lag={p: 0}, train=k < len(ends[i]),
+                           event="finish", broadcast=False))  # fmt: skip
+            self._add(Plan(Activation(p, vp + 1, t, t), inbox={i: vi},
+                           age={i: t - made_at[i][vi]}, lag={i: 0}, train=False, event="pair",
+                           broadcast=False))  # fmt: skip
+            version[i], version[p] = vi + 1, vp + 1
+            made_at[i].append(t)
+            made_at[p].append(t)
+        for q, tq in enumerate(self.eval_points):
+            if tq >= horizon - _EPS:
+                continue
+            for i in range(n):  # the node's latest call at or before tq
+                k = max(v for v in range(1, self.calls[i] + 1) if made_at[i][v] <= tq + _EPS)
+                self.plans[(i, k)].evals.append(q)
+
+    def _add(self, plan: Plan) -> None:
+        node = plan.activation.node
+        self.calls[node] += 1
+        assert plan.activation.index == self.calls[node]
+        self.plans[(node, plan.activation.index)] = plan
+
+    def final_inbox(self, node: int) -> dict[int, int]:
+        """Nothing: at the horizon a node's model is what its last call left it."""
+        return {}
+
+
+def schedule_for(cfg, clock: Clock, horizon: float, eval_points: list[float]) -> Schedule:
+    """The async schedule of ``cfg``'s strategy (cfg: ExperimentConfig)."""
+    if cfg.strategy == "ad-psgd":
+        return PairwiseSchedule(clock, horizon, eval_points, cfg.seed)
+    return AsyncSchedule(clock, horizon, eval_points)
 
 
 def run_clock(cfg) -> Clock | None:  # cfg: ExperimentConfig

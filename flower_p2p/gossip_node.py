@@ -57,6 +57,9 @@ class GossipNode:
         weights, kwargs = mixing_inputs(self.cfg, self.algo, node, rnd)
         if self.algo.needs_step_size:
             kwargs["step_size"] = step_size
+        config = msg.content.config_records["config"]
+        if self.algo.needs_event:  # mode=async (AD-PSGD): which call of the schedule this is
+            kwargs["event"] = str(config["event"])
         state = context.state
         algo_state = (from_record(state.array_records[STATE_ALGO]) if STATE_ALGO in state
                       else self.algo.init_state(params))  # fmt: skip
@@ -89,6 +92,9 @@ class GossipNode:
                       self.algo.message(trained, algo_state, receivers).items()}  # fmt: skip
             pack_outbox(content, outbox)
             sent = sum(payload_bytes(m) for m in outbox.values())
+        elif not bool(msg.content.config_records["config"].get("train", True)):
+            # mode=async: a call that trains nothing (AD-PSGD's pair) sends the model it left
+            content["out"] = out = to_record(self.algo.resting_message(algo_state))
         else:
             content["out"] = out = to_record(self.algo.message(trained, algo_state))
             sent = payload_bytes(out)

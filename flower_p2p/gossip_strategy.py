@@ -135,6 +135,9 @@ class GossipStrategy(Strategy):
     def __init__(
         self, cfg: ExperimentConfig, out: Path | None = None, configure_nodes: bool = False
     ) -> None:
+        if cfg.mode != "sync" and type(self) is GossipStrategy:
+            raise ValueError(f"mode={cfg.mode}: GossipStrategy relays rounds; start "
+                             "flower_p2p.async_relay.AsyncGossipStrategy instead")  # fmt: skip
         self.cfg, self.out, self.configure_nodes = cfg, out, configure_nodes
         self.network = Network(cfg, algorithm_for(cfg))
         self.nodes = self.network.nodes

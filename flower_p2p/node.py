@@ -346,7 +346,8 @@ def run_round(
         if rt.domain_test_x is not None:
             result.domain_accuracy = evaluate(rt.net, rt.domain_test_x, rt.test_y, 256,
                                               rt.device)[0]  # fmt: skip
-    if not train:
+    if not train:  # AD-PSGD's pair exchange still replies with the model it left
+        result.message = algo.resting_message(state)
         return result
     cfg = rt.cfg
     check_injected_failure(cfg, rt.node, rnd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from strategies.ad_psgd import ADPSGD
 from strategies.base import GossipAlgorithm, Params, State, weighted_sum
 from strategies.choco import Choco
 from strategies.compression import COMPRESSORS, Compressor, create_compressor
@@ -24,6 +25,8 @@ STRATEGIES.register("push-sum")(PushSum)
 STRATEGIES.register("relay-sum")(RelaySum)
 STRATEGIES.register("k-gt")(KGT)
 STRATEGIES.register("qg-dsgdm")(QGDSGDm)
+# Asynchronous only (mode=async): pairwise averaging at the end of every activation.
+STRATEGIES.register("ad-psgd")(ADPSGD)
 # Not peer-to-peer: the server-average reference, computed at each node over all nodes.
 STRATEGIES.register("fedavg")(FedAvg)
 
@@ -42,6 +45,7 @@ def create_strategy(name: str, **kwargs: object) -> GossipAlgorithm:
 
 
 __all__ = [
+    "ADPSGD",
     "COMPRESSORS",
     "Choco",
     "Compressor",

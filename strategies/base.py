@@ -44,6 +44,9 @@ class GossipAlgorithm(ABC):
     # False when a lost message breaks the algorithm for good (CHOCO's copies): the config then
     # refuses the faults that lose messages instead of letting the run compute garbage.
     tolerates_lost_messages: bool = True
+    # True when combine() takes ``event``: what the relay's call is (AD-PSGD's start, finish,
+    # pair, final), for algorithms that only run asynchronously.
+    needs_event: bool = False
 
     def init_state(self, params: Params) -> State:
         """Extra per-node state the algorithm keeps between rounds (none by default)."""
@@ -75,6 +78,10 @@ class GossipAlgorithm(ABC):
         the same as adding u to every gradient.
         """
         return None
+
+    def resting_message(self, state: State) -> Params:
+        """What the node sends after a call in which it trained nothing (default: nothing)."""
+        return {}
 
     @abstractmethod
     def message(self, params: Params, state: State) -> Params:

@@ -19,7 +19,8 @@ from strategies.base import GossipAlgorithm, Params, State
 from strategies.harness import run_gossip
 
 FLAGS = ("name", "communicates", "needs_out_degree", "needs_num_examples",
-         "keeps_neighbour_copies", "needs_step_size", "per_receiver_messages")  # fmt: skip
+         "keeps_neighbour_copies", "needs_step_size", "per_receiver_messages",
+         "needs_event")  # fmt: skip
 ROUNDS = 3  # enough for every state an algorithm grows on receipt (copies, relayed sums)
 
 
@@ -59,6 +60,9 @@ class _Recorder(GossipAlgorithm):
     def local_correction(self, state: State) -> Params | None:  # noqa: D102
         return self.algo.local_correction(state)
 
+    def resting_message(self, state: State) -> Params:  # noqa: D102
+        return self.algo.resting_message(state)
+
     def message(self, params, state, *receivers):  # noqa: D102
         msg = self.algo.message(params, state, *receivers)
         size = sum(_size(m) for m in msg.values()) if receivers else _size(msg)
@@ -95,6 +99,14 @@ def footprint(
         return {k: 0.9 * v + 0.01 * (i + 1) for k, v in params.items()}
 
     x0 = [{"w": np.full(size, float(i), dtype=np.float32)} for i in range(n)]
+    if algo.needs_event:  # asynchronous pairwise (AD-PSGD): one partner's model per call
+        states = [rec.init_state(x) for x in x0]
+        for t in range(ROUNDS):
+            for i in range(n):
+                j = (i + 1) % n
+                x = rec.combine(x0[i], states[i], {j: x0[j]}, {}, i, event="finish")
+                rec.message(local_step(i, x, t), states[i])
+        return Footprint(rec.state / size, rec.sent / size, rec.received / size)
     kwargs = [{"num_examples": 10}] * n if algo.needs_num_examples else None
     run_gossip(rec, w, local_step, x0, ROUNDS, node_kwargs=kwargs, step_size=lambda t: 0.1)
     if not algo.communicates:

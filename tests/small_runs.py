@@ -96,6 +96,19 @@ CASES = {
         0.65,
         0.6,
     ),  # fmt: skip
+    # AD-PSGD: pairwise averaging at the end of every activation, same clock
+    "ad-psgd-slow-nodes": (
+        {
+            "strategy": "ad-psgd",
+            "mode": "async",
+            "slow_fraction": 0.25,
+            "speed_spread": 0.3,
+            "latency": 0.5,
+            "latency_spread": 0.5,
+        },
+        0.6,
+        0.5,
+    ),  # 0.76 / 0.67  # fmt: skip
 }
 
 
