@@ -64,6 +64,11 @@ CASES = [
      "topology", None, "a static undirected graph with strategy=relay-sum"),
     ("qg-dsgdm-adamw", {"strategy": "qg-dsgdm", "optimizer": "adamw"}, "optimizer", None,
      "sgd with strategy=qg-dsgdm"),
+    ("async-choco", {"strategy": "choco", "mode": "async"}, "strategy", None,
+     "one of dsgd, ad-psgd with mode=async"),
+    ("async-faults", {"mode": "async", "link-drop": 0.1}, "link-drop", None,
+     "0 with mode=async"),
+    ("ad-psgd-sync", {"strategy": "ad-psgd"}, "mode", None, "async with strategy=ad-psgd"),
     # unknown names
     ("unknown-key", {"number-of-nodes": 8}, "number-of-nodes", None, "a known key: num-nodes"),
     ("unknown-strategy", {"strategy": "gossip"}, "strategy", None, "one of dsgd, local, choco"),
