@@ -570,39 +570,64 @@ def edge_tv(run: Run) -> float | None:
 def heterogeneity_figure(
     runs: list[Run], keys: list[str], references: list[Run] = ()
 ) -> Figure | None:
-    """Final mean node accuracy against edge heterogeneity, one marker per finished run.
+    """Final mean node accuracy against edge heterogeneity, one marker per config.
 
-    Colour: the run's values of the varying keys other than ``placement``; marker: its
-    placement. Dashed black: the centralized references' mean. None with fewer than two runs
-    that recorded ``edge_tv``.
+    A marker is the mean over the config's seeds (bars: +-std over seeds, when several) at its
+    seeds' mean ``edge_tv``. Colour: the config's values of the varying keys other than
+    ``placement``; marker: its placement. The centralized reference of each colour is a dashed
+    line in that colour (black when every colour shares one reference): references differ
+    between partitioners and feature skews, and one line for all would compare each run with
+    the others' reference. None with fewer than two runs that recorded ``edge_tv``.
     """
     points = [r for r in runs if edge_tv(r) is not None and "accuracy_mean" in r.summary]
     if len(points) < 2:
         return None
     colour_keys = [k for k in keys if k != "placement"]
-    labels = _natural(list({run_name({k: r.config[k] for k in colour_keys}) or "runs": None
-                            for r in points}))  # fmt: skip
+
+    def label_of(run: Run) -> str:
+        return run_name({k: run.config[k] for k in colour_keys}) or "runs"
+
+    labels = _natural(list({label_of(r): None for r in points}))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     shapes = {"random": "o", "clustered": "s", "spread": "^"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
-    for r in points:
-        label = run_name({k: r.config[k] for k in colour_keys}) or "runs"
-        ax.scatter(edge_tv(r), 100 * r.summary["accuracy_mean"], s=36,
-                   color=colours[labels.index(label) % len(colours)],
-                   marker=shapes.get(r.config.get("placement", "random"), "o"))  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8.6, 4.4), layout="constrained")
+    refs: dict[str, tuple[tuple, float]] = {}  # colour label -> (reference runs, mean accuracy)
+    for group in group_seeds(points).values():
+        label = label_of(group[0])
+        colour = colours[labels.index(label) % len(colours)]
+        accs = [100 * r.summary["accuracy_mean"] for r in group]
+        spread = float(np.std(accs, ddof=1)) if len(accs) > 1 else None
+        ax.errorbar(float(np.mean([edge_tv(r) for r in group])), float(np.mean(accs)),
+                    yerr=spread, fmt=shapes.get(group[0].config.get("placement", "random"), "o"),
+                    color=colour, ms=6, capsize=3)  # fmt: skip
+        seeds = {r.config["seed"] for r in group}
+        matched = [r for r in matching_references(group[0].config, list(references), seeds)
+                   if "accuracy_mean" in r.summary]  # fmt: skip
+        if matched:
+            refs[label] = (
+                tuple(sorted(str(r.dir) for r in matched)),
+                float(np.mean([100 * r.summary["accuracy_mean"] for r in matched])),
+            )
     for i, label in enumerate(labels if colour_keys else ()):
         ax.scatter([], [], color=colours[i % len(colours)], label=label)
     for placement, shape in shapes.items():
         if any(r.config.get("placement", "random") == placement for r in points):
             ax.scatter([], [], color="gray", marker=shape, label=f"placement={placement}")
-    refs = [100 * r.summary["accuracy_mean"] for r in references if "accuracy_mean" in r.summary]
-    if refs:
-        ax.axhline(float(np.mean(refs)), color="black", ls="--", lw=1, label="centralized")
+    if len({dirs for dirs, _ in refs.values()}) == 1:
+        level = next(iter(refs.values()))[1]
+        ax.axhline(level, color="black", ls="--", lw=1, label="centralized")
+    else:
+        for label, (_, level) in refs.items():
+            ax.axhline(level, color=colours[labels.index(label) % len(colours)], ls="--", lw=1)
+        if refs:
+            ax.plot([], [], color="gray", ls="--", lw=1, label="centralized (its colour)")
     ax.set_xlabel("mean label TV across graph edges (edge_tv)")
     ax.set_ylabel("final mean node accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    suptitle(fig, "accuracy against edge heterogeneity", describe(points[0].config, tuple(keys)))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside, not over
+    seeds = sorted({r.config["seed"] for r in points})
+    suptitle(fig, f"accuracy against edge heterogeneity (mean over {len(seeds)} seed(s))",
+             describe(points[0].config, tuple(keys)))  # fmt: skip
     return fig
 
 

@@ -253,3 +253,33 @@ def test_real_sweep_through_flower_then_resumes_without_running(tmp_path, capsys
     printed = capsys.readouterr().out
     assert printed.count("finished, skipped") == 1 and "running" not in printed
     assert (out / "seed=0" / "summary.json").read_text() == before
+
+
+def test_accuracy_against_edge_tv_draws_each_colours_own_reference(tmp_path):
+    # the defect this guards: one dashed line at the mean of every reference, so that each
+    # point was compared with a reference trained on other data
+    from sim.plots import heterogeneity_figure
+    from sim.runs import collect_runs, varying_keys
+
+    class TwoData(FakeRunner):
+        def __call__(self, cfg):
+            if cfg.strategy == "centralized":
+                acc = 0.8 if cfg.alpha == 0.1 else 0.4
+            else:
+                acc = {"clustered": 0.5, "random": 0.6, "spread": 0.7}[cfg.placement]
+            return write_run(Path(cfg.out_dir), cfg, [[0.1] * 8, [acc] * 8],
+                             heterogeneity=True)  # fmt: skip
+
+    path = sweep_file(tmp_path, 'placement = ["random", "spread"]\nalpha = [0.1, 1.0]\n'
+                      "seeds = [0, 1]\nreference = true\n", base=PLACED)  # fmt: skip
+    out = run_sweep(path, plot=False, runner=TwoData())
+    runs = collect_runs(out)
+    compared = [r for r in runs if not r.is_reference]
+    fig = heterogeneity_figure(compared, varying_keys(compared),
+                               [r for r in runs if r.is_reference])  # fmt: skip
+    ax = fig.axes[0]
+    flat = [line.get_ydata() for line in ax.lines if len(line.get_ydata()) == 2]
+    levels = sorted({round(float(y[0]), 6) for y in flat if y[0] == y[1]})
+    assert levels == [40.0, 80.0]
+    # one marker per config (mean over its 2 seeds), not one per run
+    assert len(ax.containers) == 4
