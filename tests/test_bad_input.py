@@ -68,7 +68,8 @@ CASES = [
      "one of dsgd, ad-psgd with mode=async"),
     ("async-faults", {"mode": "async", "link-drop": 0.1}, "link-drop", None,
      "0 with mode=async"),
-    ("ad-psgd-sync", {"strategy": "ad-psgd"}, "mode", None, "async with strategy=ad-psgd"),
+    ("ad-psgd-sync", {"strategy": "ad-psgd", "mode": "sync"}, "mode", None,
+     "async with strategy=ad-psgd"),
     # unknown names
     ("unknown-key", {"number-of-nodes": 8}, "number-of-nodes", None, "a known key: num-nodes"),
     ("unknown-strategy", {"strategy": "gossip"}, "strategy", None, "one of dsgd, local, choco"),
