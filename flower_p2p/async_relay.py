@@ -25,7 +25,6 @@ messages of that sender already sent but still in flight).
 from __future__ import annotations
 
 import math
-import uuid
 from collections import defaultdict
 from logging import INFO
 from pathlib import Path
@@ -40,12 +39,7 @@ from flower_p2p.checkpoint import Checkpoint
 from flower_p2p.clock import Plan, Schedule, run_clock, schedule_for
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.consensus import ConsensusMeter
-from flower_p2p.gossip_strategy import (
-    GossipStrategy,
-    ask_every_node,
-    discover_nodes,
-    round_message,
-)
+from flower_p2p.gossip_strategy import GossipStrategy, round_message
 from flower_p2p.results import FINAL_DIR
 from flower_p2p.wire import MONITOR, from_record, payload_bytes
 
@@ -102,13 +96,7 @@ class AsyncGossipStrategy(GossipStrategy):
         log(INFO, "\t    mode=async: %d node calls on the simulated clock (%.4g s; a sync "
             "round: %.4g s)", len(self.schedule.plans), self.schedule.horizon,
             self.round_time)  # fmt: skip
-        self.node_ids = discover_nodes(grid, self.nodes)
-        self.pid_of = {nid: pid for pid, nid in self.node_ids.items()}
-        if self.configure_nodes:
-            experiment = {"experiment": uuid.uuid4().hex, **self.cfg.to_run_config()}
-            errors = ask_every_node(grid, self.node_ids, "configure", experiment)
-            if errors:
-                raise RuntimeError(f"could not configure the nodes: {'; '.join(errors)}")
+        self.connect(grid)
         extra = dict(train_config or {})
         waves = self.schedule.waves()
         forget = forget_after(self.schedule, waves)

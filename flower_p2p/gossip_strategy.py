@@ -279,13 +279,7 @@ class GossipStrategy(Strategy):
         arrays = initial_arrays if initial_arrays is not None else ArrayRecord()
         train_config = train_config or ConfigRecord()
         self.summary()
-        self.node_ids = discover_nodes(grid, self.nodes)
-        self.pid_of = {nid: pid for pid, nid in self.node_ids.items()}
-        if self.configure_nodes:
-            experiment = {"experiment": uuid.uuid4().hex, **self.cfg.to_run_config()}
-            errors = ask_every_node(grid, self.node_ids, "configure", experiment)
-            if errors:
-                raise RuntimeError(f"could not configure the nodes: {'; '.join(errors)}")
+        self.connect(grid)
         first = self._restore(grid, resume) if resume is not None else 1
         result = Result()
         for rnd in range(first, self.cfg.num_rounds + 1):
@@ -305,6 +299,16 @@ class GossipStrategy(Strategy):
         return result
 
     # ---- the relay's own work ----------------------------------------------------------------
+
+    def connect(self, grid: Grid) -> None:
+        """Find which Flower node is which graph node; configure them for this experiment."""
+        self.node_ids = discover_nodes(grid, self.nodes)
+        self.pid_of = {nid: pid for pid, nid in self.node_ids.items()}
+        if self.configure_nodes:
+            experiment = {"experiment": uuid.uuid4().hex, **self.cfg.to_run_config()}
+            errors = ask_every_node(grid, self.node_ids, "configure", experiment)
+            if errors:
+                raise RuntimeError(f"could not configure the nodes: {'; '.join(errors)}")
 
     def _sim_time(self, rnd: int) -> float | None:
         """Simulated seconds at the end of round ``rnd``: every round waits for the slowest."""
