@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.result import Result
 
 from flower_p2p.checkpoint import Checkpoint
-from flower_p2p.clock import Plan, Schedule, run_clock, schedule_for
+from flower_p2p.clock import Plan, Schedule, schedule_for
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.consensus import ConsensusMeter
 from flower_p2p.gossip_strategy import GossipStrategy, round_message
@@ -52,17 +52,15 @@ class AsyncGossipStrategy(GossipStrategy):
     def __init__(
         self, cfg: ExperimentConfig, out: Path | None = None, configure_nodes: bool = False
     ) -> None:
-        super().__init__(cfg, out, configure_nodes)
-        clock = run_clock(cfg)
-        assert clock is not None  # config: async needs a network
-        self.round_time = clock.round_time
+        super().__init__(cfg, out, configure_nodes)  # builds self.clock and self.round_time
+        clock = self.clock
+        assert clock is not None and self.round_time is not None  # async needs a network
         self.eval_rounds = sorted({q for q in range(cfg.num_rounds) if q % cfg.eval_every == 0}
                                   | {cfg.num_rounds})  # fmt: skip
         self.schedule = schedule_for(
             cfg, clock, cfg.num_rounds * self.round_time,
             [q * self.round_time for q in self.eval_rounds],
         )  # fmt: skip
-        self.clock = clock
         # what each sender sent, kept while some receiver may still combine it
         self.sent: dict[int, dict[int, ArrayRecord]] = defaultdict(dict)
         self.meters: dict[int, ConsensusMeter] = defaultdict(ConsensusMeter)

@@ -153,8 +153,8 @@ class GossipStrategy(Strategy):
         self.progress = Progress(cfg.num_rounds)
         self._meter = ConsensusMeter()
         # simulated seconds of a round (sim_time in metrics.jsonl); none for the reference
-        clock = run_clock(cfg)
-        self.round_time = None if clock is None else sync_round_time(cfg, clock)
+        self.clock = run_clock(cfg)
+        self.round_time = None if self.clock is None else sync_round_time(cfg, self.clock)
         for p in self.nodes:
             self.rec.update(0, p, sim_time=self._sim_time(0), **self.traffic.record(p))
 
