@@ -22,7 +22,9 @@ whatever the load of the machine that computes it.
 Since no duration depends on what a message holds, the whole async schedule is known before any
 node trains: ``AsyncSchedule`` lists each activation, the message it combines from each
 neighbour, the staleness of each, and which evaluations it carries. The relay only has to run
-the activations in an order that respects it (``waves``).
+the activations in an order that respects it (``waves``). Faults are drawn per activation and
+per message from the seed (``faults.ActivationFaults``) and change no duration, so they are
+part of the schedule too: who is offline when, which copies never arrive, which calls raise.
 """
 
 from __future__ import annotations
@@ -100,14 +102,20 @@ def check_clock(cfg) -> None:  # cfg: ExperimentConfig
                 "an undirected graph with strategy=ad-psgd: a pair averages both ways, so each "
                 "of its links must carry messages in both directions",
             )  # fmt: skip
-    for key in ("node-dropout", "link-drop", "straggler", "fail-every", "checkpoint-every"):
-        value = getattr(cfg, key.replace("-", "_"))
-        if value:
-            raise ConfigError(
-                key, value,
-                "0 with mode=async: faults and checkpoints are not simulated on the async clock "
-                "yet (slow nodes are: slow-fraction, slowdown, speed-spread)",
-            )  # fmt: skip
+    if cfg.straggler:
+        raise ConfigError(
+            "straggler", cfg.straggler,
+            "0 with mode=async: a straggler does part of its local steps to meet a sync round's "
+            "deadline, and async has no deadline; slow nodes are simulated by the clock "
+            "(slow-fraction, slowdown, speed-spread)",
+        )  # fmt: skip
+    if cfg.fail_every and cfg.strategy == "ad-psgd":
+        raise ConfigError(
+            "fail-every", cfg.fail_every,
+            "0 with strategy=ad-psgd: its averaging is atomic across two nodes' calls, and a "
+            "call that raised would leave the pair half-averaged (node-dropout and link-drop "
+            "are simulated: a failed exchange leaves both models as they were)",
+        )  # fmt: skip
 
 
 def speed_factors(num_nodes: int, seed: int, slow_fraction: float, slowdown: float,
@@ -184,7 +192,7 @@ class Activation:
 class Plan:
     """One call of a node by the relay: what it combines, and what it is evaluated for.
 
-    ``activation.index`` counts the node's calls, and its reply is that node's message number
+    ``activation.index`` numbers the node's calls, and its reply is that node's message number
     ``index``. ``inbox[j] = k``: node j's message number k (async DSGD: the latest j had
     delivered by ``start``). ``age[j]``: how long ago that message was sent; ``lag[j]``: how many
     newer messages j had already sent that had not arrived yet (in flight). ``evals``: the
@@ -192,7 +200,11 @@ class Plan:
     ``train``: the call starts local work (it ends at ``activation.end``). ``event``: what the
     call is, for algorithms whose combine depends on it (AD-PSGD). ``broadcast``: the reply is
     sent to every out-neighbour at ``activation.end`` (async DSGD); otherwise messages travel
-    only as inboxes, when they are combined (AD-PSGD's exchanges).
+    only as inboxes, when they are combined (AD-PSGD's exchanges). ``fails``: the call raises
+    (``fail-every``): it sends nothing and leaves the node's model as it was. ``transfers``
+    (AD-PSGD): the models the call's exchange put on the network that it accounts for, as
+    (sender, number, receiver, arrived): the one it received, or those a failed exchange sent
+    (async DSGD's broadcasts are counted from the clock).
     """
 
     activation: Activation
@@ -203,6 +215,28 @@ class Plan:
     train: bool = True
     event: str | None = None
     broadcast: bool = True
+    fails: bool = False
+    transfers: list[tuple[int, int, int, bool]] = field(default_factory=list)
+
+    def needs(self) -> set[tuple[int, int]]:
+        """The messages (sender, number) this call combines or sends on."""
+        return {*self.inbox.items(), *((j, k) for j, k, _, _ in self.transfers)}
+
+
+class NoFaults:
+    """Nothing goes wrong (``faults.ActivationFaults`` has the same three questions)."""
+
+    def dropped(self, node: int, k: int) -> bool:
+        """Whether the node is offline for its k-th activation."""
+        return False
+
+    def fails(self, node: int, k: int) -> bool:
+        """Whether the node's k-th activation raises."""
+        return False
+
+    def lost(self, sender: int, receiver: int, k: int) -> bool:
+        """Whether the sender's k-th message to the receiver is lost."""
+        return False
 
 
 class Schedule:
@@ -214,68 +248,102 @@ class Schedule:
 
     final_event: str | None = None  # the ``event`` of the final evaluation's call
 
-    def __init__(self, clock: Clock, horizon: float, eval_points: list[float]) -> None:
+    def __init__(self, clock: Clock, horizon: float, eval_points: list[float],
+                 faults=None) -> None:  # fmt: skip
         self.clock, self.horizon = clock, horizon
         self.eval_points = list(eval_points)
+        self.faults = faults if faults is not None else NoFaults()
         self.plans: dict[tuple[int, int], Plan] = {}
-        self.calls = [0] * clock.num_nodes  # calls per node (plans (i, 1) ... (i, calls[i]))
+        self.calls = [0] * clock.num_nodes  # the highest call number of each node
+        self.dropped: list[Activation] = []  # activations a node was offline for
+        self.lost: list[tuple[float, int]] = []  # (time sent, sender) of each message lost
 
     def final_inbox(self, node: int) -> dict[int, int]:
         """What ``node`` combines for the final evaluation, at the horizon."""
         raise NotImplementedError
 
-    def waves(self) -> list[list[Plan]]:
+    def waves(self, cuts: list[float] | tuple[float, ...] = ()) -> list[list[Plan]]:
         """The calls in batches that can each run at once, in simulated-time order.
 
         A call can run once its node's previous one and every message it combines have been
         computed. Each batch holds every call that is then ready (at most one per node); the
         earliest call left is always ready, so batches never stall.
+
+        ``cuts``: simulated times where the run may be checkpointed. Every call that starts at
+        or before a cut comes in a batch before any call that starts after it. Such a prefix
+        is complete on its own: a call combines only messages that ended before it started.
         """
         done: set[tuple[int, int]] = set()
-        nxt = [1] * self.clock.num_nodes
+        # each node's calls in order (a dropped-out activation of async DSGD has none)
+        queue: list[list[int]] = [[] for _ in range(self.clock.num_nodes)]
+        for i, k in sorted(self.plans):
+            queue[i].append(k)
+        nxt = [0] * self.clock.num_nodes
         batches = []
-        while True:
-            batch = []
-            for i in range(self.clock.num_nodes):
-                k = nxt[i]
-                if k > self.calls[i]:
-                    continue
-                plan = self.plans[(i, k)]
-                if all((j, m) in done for j, m in plan.inbox.items()):
-                    batch.append(plan)
-            if not batch:
-                break
-            for plan in batch:
-                done.add((plan.activation.node, plan.activation.index))
-                nxt[plan.activation.node] += 1
-            batches.append(batch)
+        for bound in [*sorted(cuts), math.inf]:
+            while True:
+                batch = []
+                for i in range(self.clock.num_nodes):
+                    if nxt[i] == len(queue[i]):
+                        continue
+                    plan = self.plans[(i, queue[i][nxt[i]])]
+                    if started_by(plan, bound) and plan.needs() <= done:
+                        batch.append(plan)
+                if not batch:
+                    break
+                for plan in batch:
+                    done.add((plan.activation.node, plan.activation.index))
+                    nxt[plan.activation.node] += 1
+                batches.append(batch)
         if len(done) != len(self.plans):  # cannot happen with compute > 0; never silently
             raise RuntimeError("async schedule stalled: a call waits on a later one")
         return batches
 
 
+def started_by(plan: Plan, t: float) -> bool:
+    """Whether the call starts at or before simulated time ``t`` (equal within rounding)."""
+    return plan.activation.start <= t + _EPS * max(1.0, abs(t)) if math.isfinite(t) else True
+
+
 class AsyncSchedule(Schedule):
     """Async DSGD: each activation combines the latest message each in-neighbour delivered.
 
-    Node i's k-th activation is its k-th call, over [(k-1) c_i, k c_i]; a node's model at an
-    evaluation point t is the one it combined at its latest activation start <= t.
+    Node i's k-th activation runs over [(k-1) c_i, k c_i] and is its call number k; a node's
+    model at an evaluation point t is the one it combined at its latest activation start <= t.
+    With faults, an activation the node is offline for has no call (nothing combined, trained,
+    evaluated or sent), one that fails sends nothing, and a lost copy never arrives: each
+    receiver combines the latest message that did.
     """
 
-    def __init__(self, clock: Clock, horizon: float, eval_points: list[float]) -> None:
-        super().__init__(clock, horizon, eval_points)
+    def __init__(self, clock: Clock, horizon: float, eval_points: list[float],
+                 faults=None) -> None:  # fmt: skip
+        super().__init__(clock, horizon, eval_points, faults)
         self.count = [self._activations_by(c, horizon) for c in clock.compute]
         self.calls = list(self.count)
-        for i, c in enumerate(clock.compute):
-            for k in range(1, self.count[i] + 1):
-                act = Activation(i, k, (k - 1) * c, k * c)
-                self.plans[(i, k)] = self._plan(act)
+        # messages never sent: the activation was dropped, or raised
+        self.silent: set[tuple[int, int]] = set()
+        acts = [Activation(i, k, (k - 1) * c, k * c) for i, c in enumerate(clock.compute)
+                for k in range(1, self.count[i] + 1)]  # fmt: skip
+        for act in acts:
+            if self.faults.dropped(act.node, act.index):
+                self.dropped.append(act)
+                self.silent.add((act.node, act.index))
+            elif self.faults.fails(act.node, act.index):
+                self.silent.add((act.node, act.index))
+        for act in acts:
+            if not self.faults.dropped(act.node, act.index):
+                self.plans[(act.node, act.index)] = self._plan(act)
+        for act in acts:
+            if (act.node, act.index) not in self.silent:
+                self.lost.extend((act.end, act.node) for i in clock.out_neighbours[act.node]
+                                 if self.faults.lost(act.node, i, act.index))  # fmt: skip
         for q, t in enumerate(self.eval_points):
             if t >= horizon - _EPS:
                 continue  # the final evaluation
             for i, c in enumerate(clock.compute):
                 # latest start <= t; a node idle at t after its last activation: that activation
                 k = min(self._activations_by(c, t) + 1, self.count[i])
-                if k >= 1:
+                if (i, k) in self.plans:  # an offline node is not evaluated
                     self.plans[(i, k)].evals.append(q)
 
     @staticmethod
@@ -284,14 +352,19 @@ class AsyncSchedule(Schedule):
         k = math.floor(t / compute + _EPS)
         return max(k, 0)
 
+    def _arrives(self, sender: int, receiver: int, k: int) -> bool:
+        return (sender, k) not in self.silent and not self.faults.lost(sender, receiver, k)
+
     def delivered(self, sender: int, receiver: int, t: float) -> int:
         """The latest of ``sender``'s messages to ``receiver`` delivered by time t (0: none)."""
         lat = self.clock.latency[(sender, receiver)]
-        k = self._activations_by(self.clock.compute[sender], t - lat)
-        return min(k, self.count[sender])
+        k = min(self._activations_by(self.clock.compute[sender], t - lat), self.count[sender])
+        while k and not self._arrives(sender, receiver, k):
+            k -= 1
+        return k
 
     def _plan(self, act: Activation) -> Plan:
-        plan = Plan(act)
+        plan = Plan(act, fails=(act.node, act.index) in self.silent)
         for j in self.clock.in_neighbours[act.node]:
             k = self.delivered(j, act.node, act.start)
             if k == 0:
@@ -299,7 +372,7 @@ class AsyncSchedule(Schedule):
             plan.inbox[j] = k
             plan.age[j] = act.start - k * self.clock.compute[j]
             sent = min(self._activations_by(self.clock.compute[j], act.start), self.count[j])
-            plan.lag[j] = sent - k
+            plan.lag[j] = sum(self._arrives(j, act.node, m) for m in range(k + 1, sent + 1))
         return plan
 
     def final_inbox(self, node: int) -> dict[int, int]:
@@ -334,16 +407,22 @@ class PairwiseSchedule(Schedule):
     model the other held just before: message number k of a node is its model after its k-th
     call, and a node's first call (``start``, at 0) starts its first activation. A node's model
     at an evaluation point is the one after its latest call at or before it.
+
+    Faults keep every duration as it is. A node offline for an activation (``node-dropout``)
+    trains nothing in it, starts no exchange at its end, answers none while it lasts and is
+    not evaluated then. An exchange happens only if both of its messages arrive (the averaging
+    is atomic); otherwise the ``finish`` call combines nothing and adds the node's own update,
+    and the partner has no call.
     """
 
     final_event = "final"
 
     def __init__(self, clock: Clock, horizon: float, eval_points: list[float],
-                 seed: int) -> None:  # fmt: skip
-        super().__init__(clock, horizon, eval_points)
+                 seed: int, faults=None) -> None:  # fmt: skip
+        super().__init__(clock, horizon, eval_points, faults)
         n = clock.num_nodes
-        ends: list[list[float]] = [[] for _ in range(n)]
-        events = []  # (time, node, activation, partner)
+        acts: list[list[Activation]] = [[] for _ in range(n)]
+        partners: dict[tuple[int, int], int] = {}
         for i in range(n):
             t, k = 0.0, 1
             while True:
@@ -351,32 +430,60 @@ class PairwiseSchedule(Schedule):
                 end = t + clock.compute[i] + clock.latency[(i, p)] + clock.latency[(p, i)]
                 if end > horizon + _EPS * max(1.0, horizon):
                     break
-                events.append((end, i, k, p))
-                ends[i].append(end)
+                acts[i].append(Activation(i, k, t, end))
+                partners[(i, k)] = p
                 t, k = end, k + 1
-        self.count = [len(e) for e in ends]  # activations that end by the horizon
+        self.count = [len(a) for a in acts]  # activations that end by the horizon
+        offline = [[a for a in acts[i] if self.faults.dropped(i, a.index)] for i in range(n)]
+        self.dropped = [a for node in offline for a in node]
+
+        def online(i: int, t: float) -> bool:
+            return not any(a.start <= t < a.end for a in offline[i])
+
+        def trains(i: int, k: int) -> bool:  # activation k exists and the node is there for it
+            return k <= self.count[i] and not self.faults.dropped(i, k)
+
         version = [1] * n  # the message number of each node's model now
         made_at = [[0.0, 0.0] for _ in range(n)]  # made_at[i][v]: when message v was made
         for i in range(n):
-            end = ends[i][0] if ends[i] else 0.0
-            self._add(Plan(Activation(i, 1, 0.0, end), train=bool(ends[i]), event="start",
+            end = acts[i][0].end if acts[i] else 0.0
+            self._add(Plan(Activation(i, 1, 0.0, end), train=trains(i, 1), event="start",
                            broadcast=False))  # fmt: skip
-        for t, i, k, p in sorted(events):
+        for t, i, k in sorted((a.end, a.node, a.index) for node in acts for a in node):
+            p = partners[(i, k)]
             vi, vp = version[i], version[p]
-            nxt = ends[i][k] if k < len(ends[i]) else t  # the activation this call starts
-            self._add(Plan(Activation(i, vi + 1, t, nxt), inbox={p: vp},
-                           age={p: t - made_at[p][vp]}, lag={p: 0}, train=k < len(ends[i]),
-                           event="finish", broadcast=False))  # fmt: skip
+            nxt = acts[i][k].end if k < self.count[i] else t  # the activation this call starts
+            finish = Plan(Activation(i, vi + 1, t, nxt), train=trains(i, k + 1), event="finish",
+                          broadcast=False)  # fmt: skip
+            version[i] += 1
+            made_at[i].append(t)
+            self._add(finish)
+            if self.faults.dropped(i, k):
+                continue  # offline: nothing sent
+            request_lost = self.faults.lost(i, p, k)
+            request = online(p, t) and not request_lost
+            reply_lost = request and self.faults.lost(p, i, k)
+            reply = request and not reply_lost
+            self.lost.extend((t, j) for j, lost in ((i, request_lost), (p, reply_lost)) if lost)
+            if not reply:  # the exchange failed: the node adds its own update only
+                finish.transfers.append((i, vi, p, request))
+                if request:
+                    finish.transfers.append((p, vp, i, False))
+                continue
+            # each of the two calls accounts for the model it received
+            finish.inbox, finish.age, finish.lag = {p: vp}, {p: t - made_at[p][vp]}, {p: 0}
+            finish.transfers.append((p, vp, i, True))
             self._add(Plan(Activation(p, vp + 1, t, t), inbox={i: vi},
                            age={i: t - made_at[i][vi]}, lag={i: 0}, train=False, event="pair",
-                           broadcast=False))  # fmt: skip
-            version[i], version[p] = vi + 1, vp + 1
-            made_at[i].append(t)
+                           broadcast=False, transfers=[(i, vi, p, True)]))  # fmt: skip
+            version[p] += 1
             made_at[p].append(t)
         for q, tq in enumerate(self.eval_points):
             if tq >= horizon - _EPS:
                 continue
             for i in range(n):  # the node's latest call at or before tq
+                if not online(i, tq):
+                    continue
                 k = max(v for v in range(1, self.calls[i] + 1) if made_at[i][v] <= tq + _EPS)
                 self.plans[(i, k)].evals.append(q)
 
@@ -392,10 +499,13 @@ class PairwiseSchedule(Schedule):
 
 
 def schedule_for(cfg, clock: Clock, horizon: float, eval_points: list[float]) -> Schedule:
-    """The async schedule of ``cfg``'s strategy (cfg: ExperimentConfig)."""
+    """The async schedule of ``cfg``'s strategy and faults (cfg: ExperimentConfig)."""
+    from flower_p2p.faults import ActivationFaults
+
+    faults = ActivationFaults.of(cfg)
     if cfg.strategy == "ad-psgd":
-        return PairwiseSchedule(clock, horizon, eval_points, cfg.seed)
-    return AsyncSchedule(clock, horizon, eval_points)
+        return PairwiseSchedule(clock, horizon, eval_points, cfg.seed, faults)
+    return AsyncSchedule(clock, horizon, eval_points, faults)
 
 
 def run_clock(cfg) -> Clock | None:  # cfg: ExperimentConfig

@@ -18,6 +18,12 @@ Per round ``rnd`` (1-based; ``rnd = num-rounds + 1`` is the final evaluation):
 
 The final evaluation has no dropouts and no stragglers: it measures, it does not train. The
 ``centralized`` reference has no faults (it is one model, not a network).
+
+``mode=async`` has no rounds: its faults are drawn per activation and per message instead
+(``ActivationFaults``), from (seed, node, activation) only, and the clock's schedule is built
+around them before anything trains (``flower_p2p.clock``): a dropped-out node is offline for a
+whole activation, a lost message is one copy of a node's message to one receiver, and
+``fail-every`` makes node ``FAIL_NODE``'s every k-th activation raise.
 """
 
 from __future__ import annotations
@@ -118,13 +124,58 @@ def local_steps(cfg, num_samples: int, fraction: float = 1.0) -> int:  # cfg: Ex
 def check_injected_failure(cfg, node: int, rnd: int) -> None:  # cfg: ExperimentConfig
     """Raise ``InjectedFault`` where ``fail-every`` asks for it (a real failure of the node).
 
+    ``rnd``: the round, or in ``mode=async`` the node's activation.
+
     The ``centralized`` reference is exempt: its single node is node ``FAIL_NODE`` too, but it is
     one model, not a network, and has no faults (as in ``fault_plan``).
     """
     if cfg.strategy == "centralized":
         return
     if cfg.fail_every and node == FAIL_NODE and rnd % cfg.fail_every == 0:
-        raise InjectedFault(f"injected failure (fail-every={cfg.fail_every}) in round {rnd}")
+        where = "activation" if cfg.mode == "async" else "round"
+        raise InjectedFault(f"injected failure (fail-every={cfg.fail_every}) in {where} {rnd}")
+
+
+_DROPOUT, _LINK = 1, 2
+
+
+@dataclass(frozen=True)
+class ActivationFaults:
+    """The faults of ``mode=async``: per activation of a node, and per message on a link.
+
+    Each draw comes from its own generator seeded by (seed, node or link, activation), so
+    whether one activation or message is hit does not depend on any other, on the wave order,
+    or on where a resumed run started.
+    """
+
+    seed: int = 0
+    node_dropout: float = 0.0
+    link_drop: float = 0.0
+    fail_every: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> ActivationFaults:  # cfg: ExperimentConfig
+        """The async faults ``cfg`` asks for."""
+        return cls(cfg.seed, cfg.node_dropout, cfg.link_drop, cfg.fail_every)
+
+    def dropped(self, node: int, k: int) -> bool:
+        """Node ``node`` is offline for its k-th activation (``node-dropout``)."""
+        return (
+            bool(self.node_dropout) and _uniform(self.seed, _DROPOUT, node, k) < self.node_dropout
+        )
+
+    def fails(self, node: int, k: int) -> bool:
+        """Node ``node``'s k-th activation raises (``fail-every``, a testing aid)."""
+        return bool(self.fail_every) and node == FAIL_NODE and k % self.fail_every == 0
+
+    def lost(self, sender: int, receiver: int, k: int) -> bool:
+        """The copy of ``sender``'s k-th message to ``receiver`` is lost (``link-drop``)."""
+        return bool(self.link_drop) and (
+            _uniform(self.seed, _LINK, sender, receiver, k) < self.link_drop)  # fmt: skip
+
+
+def _uniform(seed: int, *key: int) -> float:
+    return float(np.random.default_rng([seed, _FAULT_STREAM, *key]).random())
 
 
 @dataclass

@@ -95,6 +95,7 @@ class GossipNode:
         elif not bool(msg.content.config_records["config"].get("train", True)):
             # mode=async: a call that trains nothing (AD-PSGD's pair) sends the model it left
             content["out"] = out = to_record(self.algo.resting_message(algo_state))
+            sent = payload_bytes(out)
         else:
             content["out"] = out = to_record(self.algo.message(trained, algo_state))
             sent = payload_bytes(out)

@@ -327,14 +327,21 @@ class GossipStrategy(Strategy):
         if errors:
             log(WARNING, "checkpoint after round %d skipped: %s", rnd, "; ".join(errors))
             return
-        relay_state = {
+        self._write_relay_state(folder)
+        commit(self.out, rnd, self.cfg.to_run_config())
+
+    def _relay_state(self) -> dict:
+        """What the relay knows besides the messages in transit: records, bytes, fault counts."""
+        return {
             "recorder": self.rec.state(),
             "traffic": self.traffic.to_dict(),
             "faults": self.faults.to_dict(),
             "elapsed_s": self.elapsed(),
         }
-        write_relay_state(folder, relay_state, {j: _arrays(m) for j, m in self.last_out.items()})
-        commit(self.out, rnd, self.cfg.to_run_config())
+
+    def _write_relay_state(self, folder: Path) -> None:
+        write_relay_state(folder, self._relay_state(),
+                          {j: _arrays(m) for j, m in self.last_out.items()})  # fmt: skip
 
     def _restore(self, grid: Grid, resumed: Checkpoint) -> int:
         """Continue from a checkpoint: the nodes restore theirs; returns the next round."""
@@ -345,10 +352,14 @@ class GossipStrategy(Strategy):
         self.rec.restore(state["recorder"])
         self.traffic = Traffic.from_dict(state["traffic"])
         self.faults = FaultLog.from_dict(state["faults"])
-        self.last_out = {j: _records(m) for j, m in resumed.last_out.items()}
+        self._restore_in_transit(resumed)
         self.started = time.perf_counter() - state["elapsed_s"]
         log(INFO, "resuming after round %d from %s", resumed.round, resumed.folder)
         return resumed.round + 1
+
+    def _restore_in_transit(self, resumed: Checkpoint) -> None:
+        """The messages the checkpoint still had to deliver."""
+        self.last_out = {j: _records(m) for j, m in resumed.last_out.items()}
 
     def _messages(self, rnd: int, evaluate: bool, kind: str, grid: Grid, extra: dict) -> list:
         """Round ``rnd``'s delivery of round ``rnd - 1``'s messages, as Flower messages."""

@@ -350,7 +350,7 @@ def run_round(
         result.message = algo.resting_message(state)
         return result
     cfg = rt.cfg
-    check_injected_failure(cfg, rt.node, rnd)
+    check_injected_failure(cfg, rt.node, rnd if activation is None else activation)
     t0 = time.perf_counter()
     opt = rt.optimizer(optimizer, rnd)
     gen = round_generator(cfg.seed, rt.node, rnd if activation is None else activation)

@@ -29,3 +29,14 @@ def small_runs(tmp_path_factory):
     from small_runs import SmallRuns
 
     return SmallRuns(tmp_path_factory.mktemp("small-runs"))
+
+
+@pytest.fixture
+def task_identity():
+    """Flower messages need the identity a running task has; restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from flower_p2p.clock import Clock, PairwiseSchedule, partner
+from flower_p2p.faults import ActivationFaults
 from strategies import ADPSGD
 
 
@@ -86,11 +87,15 @@ def _run(sched: PairwiseSchedule, x0: np.ndarray, targets: np.ndarray, lr: float
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_pairwise_averaging_keeps_the_sum_and_reaches_the_mean(seed):
+@pytest.mark.parametrize("faulty", [False, True])
+def test_pairwise_averaging_keeps_the_sum_and_reaches_the_mean(seed, faulty):
+    # with dropouts and lost messages too: a failed exchange moves nothing, half of one would
     rng = np.random.default_rng(seed)
     g = nx.connected_watts_strogatz_graph(8, 4, 0.3, seed=seed)
+    faults = ActivationFaults(seed, node_dropout=0.3, link_drop=0.3) if faulty else None
     sched = PairwiseSchedule(_clock(list(rng.uniform(0.5, 3.0, 8)), g, 0.2), 400.0, [0.0],
-                             seed=seed)  # fmt: skip
+                             seed=seed, faults=faults)  # fmt: skip
+    assert bool(sched.dropped) == bool(sched.lost) == faulty
     x0 = rng.normal(0.0, 10.0, 8)
 
     def same_sum(state):  # an exchange moves mass between two nodes, never creates any

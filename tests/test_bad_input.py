@@ -66,7 +66,7 @@ CASES = [
      "sgd with strategy=qg-dsgdm"),
     ("async-choco", {"strategy": "choco", "mode": "async"}, "strategy", None,
      "one of dsgd, ad-psgd with mode=async"),
-    ("async-faults", {"mode": "async", "link-drop": 0.1}, "link-drop", None,
+    ("async-straggler", {"mode": "async", "straggler": 0.1}, "straggler", None,
      "0 with mode=async"),
     ("ad-psgd-sync", {"strategy": "ad-psgd", "mode": "sync"}, "mode", None,
      "async with strategy=ad-psgd"),

@@ -16,11 +16,13 @@ from flower_p2p.clock import (
     ASYNC_STRATEGIES,
     AsyncSchedule,
     Clock,
+    PairwiseSchedule,
     run_clock,
     speed_factors,
     sync_round_time,
 )
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.faults import ActivationFaults
 from flower_p2p.registry import ConfigError
 from strategies import strategy_names
 
@@ -153,17 +155,142 @@ def test_async_refuses_strategies_that_need_rounds(strategy):
     "change, key",
     [
         ({"topology": "one-peer-exponential"}, "topology"),
-        ({"link-drop": 0.1}, "link-drop"),
-        ({"node-dropout": 0.1}, "node-dropout"),
         ({"straggler": 0.1}, "straggler"),
-        ({"fail-every": 3}, "fail-every"),
-        ({"checkpoint-every": 3}, "checkpoint-every"),
+        ({"strategy": "ad-psgd", "fail-every": 3}, "fail-every"),
     ],
 )
 def test_async_refuses_what_it_does_not_simulate(change, key):
     with pytest.raises(ConfigError) as err:
         ExperimentConfig.from_run_config({"mode": "async", **change})
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("strategy", ASYNC_STRATEGIES)
+def test_async_simulates_dropouts_lost_messages_and_checkpoints(strategy):
+    change = {"node-dropout": 0.1, "link-drop": 0.1, "checkpoint-every": 3}
+    if strategy == "dsgd":
+        change["fail-every"] = 3
+    cfg = ExperimentConfig.from_run_config({"mode": "async", "strategy": strategy, **change})
+    assert cfg.node_dropout == 0.1 and cfg.checkpoint_every == 3
+
+
+# ---- faults on the async clock -----------------------------------------------------------------
+
+
+def _random_clock(seed: int, n: int = 7) -> Clock:
+    rng = np.random.default_rng(seed)
+    g = nx.connected_watts_strogatz_graph(n, 4, 0.3, seed=seed)
+    lat = {(j, i): float(rng.uniform(0.0, 3.0)) for j, i in g.edges}
+    lat.update({(i, j): float(rng.uniform(0.0, 3.0)) for j, i in g.edges})
+    return _clock(list(rng.uniform(0.5, 4.0, n)), g.edges, lat)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_async_dsgd_faults_each_receiver_combines_the_latest_message_that_arrived(seed):
+    clock = _random_clock(seed)
+    faults = ActivationFaults(seed, node_dropout=0.2, link_drop=0.3, fail_every=4)
+    horizon = 40.0
+    sched = AsyncSchedule(clock, horizon, [0.0, 10.0, 20.0, 40.0], faults)
+    clean = AsyncSchedule(clock, horizon, [0.0, 10.0, 20.0, 40.0])
+    assert sched.count == clean.count  # faults change no duration
+    silent = set()
+    for i in range(clock.num_nodes):
+        for k in range(1, sched.count[i] + 1):
+            dropped, fails = faults.dropped(i, k), faults.fails(i, k)
+            assert ((i, k) in sched.plans) == (not dropped)  # offline: no call at all
+            if not dropped:
+                assert sched.plans[(i, k)].fails == fails
+                assert sched.plans[(i, k)].activation == clean.plans[(i, k)].activation
+            if dropped or fails:
+                silent.add((i, k))
+    assert silent and len(silent) < sum(sched.count)  # both happen, not everywhere
+    assert {(a.node, a.index) for a in sched.dropped} == {
+        k for k in silent if faults.dropped(*k)}  # fmt: skip
+
+    def arrived(j, i, t):  # every message of j that reached i by t, worked out from scratch
+        return [m for m in range(1, sched.count[j] + 1)
+                if m * clock.compute[j] + clock.latency[(j, i)] <= t + 1e-9
+                and (j, m) not in silent and not faults.lost(j, i, m)]  # fmt: skip
+
+    lost = 0
+    for (i, _), plan in sched.plans.items():
+        for j in clock.in_neighbours[i]:
+            got = arrived(j, i, plan.activation.start)
+            assert plan.inbox.get(j) == (max(got) if got else None)
+            if got:  # in flight: sent by then, newer, neither silent nor lost
+                sent = [m for m in range(got[-1] + 1, sched.count[j] + 1)
+                        if m * clock.compute[j] <= plan.activation.start + 1e-9
+                        and (j, m) not in silent and not faults.lost(j, i, m)]  # fmt: skip
+                assert plan.lag[j] == len(sent)
+    for j in range(clock.num_nodes):
+        for m in range(1, sched.count[j] + 1):
+            if (j, m) not in silent:
+                lost += sum(faults.lost(j, i, m) for i in clock.out_neighbours[j])
+    assert len(sched.lost) == lost > 0
+    for i in range(clock.num_nodes):
+        for j in clock.in_neighbours[i]:
+            got = arrived(j, i, horizon)
+            assert sched.final_inbox(i).get(j) == (max(got) if got else None)
+    # an offline node is not evaluated; every other node is, once per point before the end
+    for q, t in enumerate([0.0, 10.0, 20.0]):
+        carriers = [key for key, p in sched.plans.items() if q in p.evals]
+        want = [
+            i
+            for i, c in enumerate(clock.compute)
+            if not faults.dropped(i, min(math.floor(t / c + 1e-9) + 1, sched.count[i]))
+        ]
+        assert sorted(i for i, _ in carriers) == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ad_psgd_faults_keep_durations_and_make_exchanges_all_or_nothing(seed):
+    clock = _random_clock(seed)
+    faults = ActivationFaults(seed, node_dropout=0.2, link_drop=0.3)
+    sched = PairwiseSchedule(clock, 40.0, [0.0, 20.0, 40.0], seed, faults)
+    clean = PairwiseSchedule(clock, 40.0, [0.0, 20.0, 40.0], seed)
+    assert sched.count == clean.count  # faults change no duration
+    offline = {i: [(a.start, a.end) for a in sched.dropped if a.node == i]
+               for i in range(clock.num_nodes)}  # fmt: skip
+    assert sum(map(len, offline.values())) > 0
+    pairs = {(p.activation.node, p.activation.start, next(iter(p.inbox)))
+             for p in sched.plans.values() if p.event == "pair"}  # fmt: skip
+    failed = 0
+    for plan in sched.plans.values():
+        if plan.event != "finish":
+            continue
+        i, t = plan.activation.node, plan.activation.start
+        if plan.inbox:  # an exchange: the partner has its pair call, both ways arrived
+            (p,) = plan.inbox
+            assert (p, t, i) in pairs
+            assert not any(s <= t < e for s, e in offline[p])
+            assert plan.transfers == [(p, plan.inbox[p], i, True)]
+        elif plan.transfers:  # the request, and the reply if the partner got it: one was lost
+            failed += 1
+            (request, *reply) = plan.transfers
+            assert request[0] == i and request[2] != i and not plan.transfers[-1][3]
+            assert all(r[0] == request[2] and r[2] == i for r in reply)
+        else:  # the activation it ends was one the node was offline for: nothing sent
+            failed += 1
+            assert any(e == t for _, e in offline[i])
+    assert failed > 0 and len(pairs) > 0
+    assert len(pairs) + failed == sum(1 for p in sched.plans.values() if p.event == "finish")
+    for (i, _), plan in sched.plans.items():
+        if plan.train:  # an offline node trains nothing
+            assert not any(s <= plan.activation.start < e for s, e in offline[i])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_waves_cut_at_checkpoint_times_run_everything_before_them_first(seed):
+    clock = _random_clock(seed)
+    sched = AsyncSchedule(clock, 40.0, [0.0, 40.0], ActivationFaults(seed, 0.2, 0.2, 3))
+    cuts = [7.5, 13.0, 29.0]
+    waves = sched.waves(cuts)
+    assert sorted((p.activation.node, p.activation.index) for w in waves for p in w) == sorted(
+        sched.plans)  # fmt: skip
+    for t in cuts:  # the calls up to a cut are a prefix of the waves
+        flags = [all(p.activation.start <= t for p in w) for w in waves]
+        assert flags == sorted(flags, reverse=True)
+        assert not any(p.activation.start <= t for w in waves[flags.count(True) :] for p in w)
 
 
 @pytest.mark.parametrize(

@@ -330,34 +330,15 @@ def _assert_metrics(out: Path, nodes: int, rounds: int) -> list[dict]:
     return metrics
 
 
-def test_real_superlink_and_three_supernodes(federation, tmp_path, tiny_sim_run):
-    """3 SuperNodes on loopback, partition ids through node config, `flwr run` for 2 rounds."""
+def test_real_superlink_three_supernodes_tls_and_auth(federation, tmp_path, tiny_sim_run):
+    """TLS and SuperNode auth on: 3 registered SuperNodes join and run `flwr run` for 2 rounds,
+    with the simulation engine's numbers; an unregistered key and no key are refused.
+
+    One federation checks both (each costs about two minutes of start-up on 2 cores).
+    """
     sim_out, run_config = tiny_sim_run
-    fed = federation()
-    fed.start_superlink()
-    for p in range(3):
-        fed.start_supernode(f"supernode{p}", p, 3)
-    fed.wait_online(3)
-    out = tmp_path / "results"
-    log = fed.run_app({**run_config, "out-dir": str(out)})
-    assert "round 2/2" in log  # the relay's progress, streamed back by `flwr run`
-    metrics = _assert_metrics(out, nodes=3, rounds=2)
-    # The same app and config in the simulation engine: the same training, number for number,
-    # byte for byte (same config and seed, same metrics.jsonl, whichever engine runs it).
-    assert metrics == read_jsonl(sim_out / "metrics.jsonl")
-    assert (out / "metrics.jsonl").read_bytes() == (sim_out / "metrics.jsonl").read_bytes()
-    # Each SuperNode ran its ClientApp for its own partition (who it is, the experiment's
-    # config, 2 train, 1 evaluate).
-    for p in range(3):
-        assert fed.log(f"supernode{p}").count("Start `flwr-clientapp` process") == 5
-    survivors = fed.stop()
-    assert not survivors, f"processes left behind: {survivors}"
-
-
-def test_tls_and_supernode_auth_refuse_an_unregistered_key(federation, tmp_path):
-    """TLS, SuperNode auth on: registered keys join and train; other keys and no key are refused."""
     tls = _make_tls(tmp_path / "certs")
-    keys = [_make_node_key(tls, f"node{p}") for p in range(2)]
+    keys = [_make_node_key(tls, f"node{p}") for p in range(3)]
     rogue_key, _ = _make_node_key(tls, "rogue")  # never registered
     fed = federation(tls)
     fed.start_superlink("--enable-supernode-auth")
@@ -366,24 +347,44 @@ def test_tls_and_supernode_auth_refuse_an_unregistered_key(federation, tmp_path)
         reg = fed.flwr("supernode", "register", str(public), "test", "--format", "json")
         assert reg.returncode == 0, reg.stdout + reg.stderr
         registered.add(str(json.loads(reg.stdout[reg.stdout.index("{") :])["node-id"]))
-    # Identical command lines apart from the key: only the key decides.
+    # Identical command lines apart from the key: only the key decides. Partition ids come
+    # through each SuperNode's node config.
     for p, (private, _) in enumerate(keys):
-        fed.start_supernode(f"supernode{p}", p, 2, "--auth-supernode-private-key", str(private))
-    rogue = fed.start_supernode("rogue", 1, 2, "--auth-supernode-private-key", str(rogue_key))
+        fed.start_supernode(f"supernode{p}", p, 3, "--auth-supernode-private-key", str(private))
+    rogue = fed.start_supernode("rogue", 1, 3, "--auth-supernode-private-key", str(rogue_key))
     # Without a key a SuperNode registers itself: what SuperNode authentication forbids.
-    keyless = fed.start_supernode("keyless", 1, 2)
-    online = fed.wait_online(2)
+    keyless = fed.start_supernode("keyless", 1, 3)
+    online = fed.wait_online(3)
     assert rogue.wait(timeout=120) != 0, fed.log("rogue")
     assert "Failed to activate SuperNode" in fed.log("rogue")
     assert "No SuperNode found with the given public key" in fed.log("superlink")
     assert keyless.wait(timeout=120) != 0, fed.log("keyless")
     assert "All SuperNodes must be registered via the CLI" in fed.log("keyless")
     out = tmp_path / "results"
-    run_config = {"num-nodes": 2, "num-rounds": 1, "depth": 1, "img-size": 16, "eval-every": 1}
-    fed.run_app({**run_config, "out-dir": str(out)})
-    _assert_metrics(out, nodes=2, rounds=1)
+    log = fed.run_app({**run_config, "out-dir": str(out)})
+    assert "round 2/2" in log  # the relay's progress, streamed back by `flwr run`
+    metrics = _assert_metrics(out, nodes=3, rounds=2)
+    # The same app and config in the simulation engine: the same training, number for number,
+    # byte for byte (same config and seed, same metrics.jsonl, whichever engine runs it).
+    assert metrics == read_jsonl(sim_out / "metrics.jsonl")
+    assert (out / "metrics.jsonl").read_bytes() == (sim_out / "metrics.jsonl").read_bytes()
     assert f"running on https://127.0.0.1:{fed.port}" in fed.log("superlink")  # TLS, not HTTP
-    # Only the two registered SuperNodes ever were nodes of this SuperLink, and they were online.
+    # Each SuperNode ran its ClientApp for its own partition (who it is, the experiment's
+    # config, 2 train, 1 evaluate).
+    for p in range(3):
+        assert fed.log(f"supernode{p}").count("Start `flwr-clientapp` process") == 5
+    # mode=async through the same federation: with equal speeds and no latency its schedule is
+    # the sync one, so it must compute the sync run's numbers (its loop sends other waves)
+    async_out = tmp_path / "results-async"
+    fed.run_app({**run_config, "mode": "async", "out-dir": str(async_out)})
+    shared = ("round", "node", "sim_time", "accuracy", "loss", "train_loss", "bytes_sent")
+    assert [{k: m[k] for k in shared} for m in _assert_metrics(async_out, nodes=3, rounds=2)] == [
+        {k: m[k] for k in shared} for m in metrics
+    ]
+    assert all(
+        m["activations"] == (m["round"] > 0) for m in read_jsonl(async_out / "metrics.jsonl")
+    )
+    # Only the three registered SuperNodes ever were nodes of this SuperLink, and they were online.
     assert {n["node-id"] for n in online} == registered
     assert {n["node-id"] for n in fed.nodes()} == registered
     survivors = fed.stop()

@@ -53,17 +53,6 @@ def test_another_app_adopts_gossip_and_computes_the_reference(tmp_path, strategy
 # ---- the strategy alone, against a fake Grid (no Ray): failures and what a node is sent -------
 
 
-@pytest.fixture
-def task_identity():
-    """Flower messages need the identity a running task has; restored afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 class FakeGrid:
     """Answers the strategy's queries with partition ids and its train messages with ``reply``."""
 
