@@ -7,6 +7,10 @@ Layout under ``<out-dir>/checkpoints/``::
     round-000012/relay-out.npz  the messages sent in round 12, still to be delivered
     latest.json                 {"round": 12, "dir": "round-000012", "config": {...}}
 
+In ``mode=async`` (``async_relay``) round 12 is the 12th record time, ``relay-out.npz`` holds
+sender j's message number k as ``<j>><k>/<name>`` (every message a later activation combines),
+and ``relay-monitors.npz`` the models already evaluated for records still open.
+
 Every file is written to a temporary name and renamed. ``latest.json`` is written last and is the
 commit point: a checkpoint folder it does not name may be incomplete and is never read. Older
 folders are deleted once the manifest has moved on. Random generators need no saving: training
