@@ -5,7 +5,8 @@
 2. head-only and last-k fine-tuning without vs with the frozen-prefix cache (time ratio);
 3. training throughput of the default model vs the machine's fp32 matmul rate;
 4. wall time per round and peak memory of the process tree at 64 to 1,024 head-only nodes,
-   and at 256 nodes with LoRA and last-k (which train through the backbone);
+   at 1,024 with several graph nodes per SuperNode (``nodes-per-supernode``), and at 256 nodes
+   with LoRA and last-k (which train through the backbone);
 5. the memory one more node costs a process that serves nodes one after another (a ClientApp
    actor), full fine-tuning of a 22 M-parameter ViT-S: nodes share the process's model;
 6. the memory estimate runs are admitted on (``flower_p2p.memory``) against the peaks they
@@ -33,6 +34,9 @@ FULL = {
     # glyphs: 10,080 training images, ~10 a node at 1,024 nodes (digits has 1,437)
     "scaling": ["finetune=head", "dataset=glyphs", "partitioner=iid", "num-rounds=20"],
     "nodes": [64, 128, 256, 512, 1024],
+    # the largest node count again with several graph nodes per SuperNode (nodes-per-supernode):
+    # one Flower message and Ray task per SuperNode instead of per graph node
+    "hosted": [16, 64],
     # the modes that train through the backbone, at 256 nodes (issue 13): fewer rounds, each is
     # a full forward and backward per step
     "scaling-modes": [
@@ -55,6 +59,7 @@ QUICK = {
     "throughput": ["depth=1"],
     "scaling": ["finetune=head", "num-rounds=2", "depth=1"],
     "nodes": [4],
+    "hosted": [2],
     "scaling-modes": [["finetune=lora", "num-rounds=2", "depth=1", "num-nodes=4"]],
     "seconds": 1.0,
     "node-memory": (["depth=1"], 3),
@@ -118,6 +123,23 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
                 f"{row['peak_gib']:.2f} GiB | {'≤ 5 s, < 6 GiB, ≤ 1.2×' if big else '–'} | "
                 f"{('yes' if met else 'no') if big else '–'} |"
             )
+        largest = max(settings["nodes"])
+        for per in settings["hosted"]:
+            row = cases.scaling_row([*settings["scaling"], f"num-nodes={largest}",
+                                     f"nodes-per-supernode={per}"])  # fmt: skip
+            raw.setdefault("4-hosted", []).append({**row, "per_supernode": per})
+            big = largest >= 1024
+            met = row["round_s"] <= 5 and row["peak_gib"] < 6
+            rows.append(
+                f"| 4 | {largest} head-only nodes, {per} per SuperNode (`nodes-per-supernode="
+                f"{per}`: {-(-largest // per)} Flower messages a round instead of {largest}): "
+                f"wall per round (median, rounds 2..R), peak memory (PSS; RSS sum "
+                f"{row['peak_rss_gib']:.2f} GiB); {1000 * row['round_s'] / largest:.1f} ms per "
+                f"node-round; round 1 ended {row['first_round_s']:.0f} s after the relay "
+                f"started, whole command {row['command_s']:.0f} s | {row['round_s']:.2f} s/round, "
+                f"{row['peak_gib']:.2f} GiB | {'≤ 5 s, < 6 GiB' if big else '–'} | "
+                f"{('yes' if met else 'no') if big else '–'} |"
+            )
         for overrides in settings["scaling-modes"]:
             row = cases.scaling_row(overrides)
             raw.setdefault("4-modes", []).append(row)
@@ -171,12 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         "--only", type=int, nargs="+", choices=[1, 2, 3, 4, 5, 6], default=[1, 2, 3, 4, 5, 6]
     )
     parser.add_argument("--nodes", type=int, nargs="+", help="node counts of measurement 4")
+    parser.add_argument("--hosted", type=int, nargs="*", help="nodes-per-supernode values "
+                        "measurement 4 also runs at its largest node count")  # fmt: skip
     parser.add_argument("--out", default=None, help="Markdown file (default bench/results.md; "
                         "none with --quick)")  # fmt: skip
     args = parser.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     if args.nodes:
         settings["nodes"] = args.nodes
+    if args.hosted is not None:
+        settings["hosted"] = args.hosted
     info = machine_info()
     start = time.perf_counter()
     rows, raw = run(settings, set(args.only))

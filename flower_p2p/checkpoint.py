@@ -41,7 +41,15 @@ from flower_p2p.results import (
 CHECKPOINTS = CHECKPOINTS_DIR
 MANIFEST = "latest.json"
 # Keys that may differ between the interrupted and the resumed run.
-RESUME_MAY_CHANGE = ("resume", "overwrite", "checkpoint-every", "out-dir", "memory-limit-gb")
+# nodes-per-supernode changes how messages travel, not what any node computes (tested).
+RESUME_MAY_CHANGE = (
+    "resume",
+    "overwrite",
+    "checkpoint-every",
+    "out-dir",
+    "memory-limit-gb",
+    "nodes-per-supernode",
+)
 
 Arrays = dict[str, np.ndarray]
 

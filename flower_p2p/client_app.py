@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from flower_p2p.checkpoint import node_file, read_node_state, write_node_state
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.gossip_node import identify
+from flower_p2p.hosting import host_nodes
 from flower_p2p.node import RoundResult, algorithm_for, mixing_inputs, node_runtime, run_round
 from flower_p2p.results import node_params_path, write_params
 from flower_p2p.wire import (
@@ -22,7 +23,9 @@ from flower_p2p.wire import (
     unpack_inbox,
 )
 
-app = ClientApp()
+# host_nodes: a SuperNode may host several graph nodes (nodes-per-supernode); every handler
+# below then runs once per hosted node, with that node's own Context.
+app = ClientApp(mods=[host_nodes])
 
 # Keys of what a node keeps between rounds in its Context.state (never sent anywhere).
 STATE_PARAMS, STATE_ALGO, STATE_OPTIM = "node.params", "node.algo", "node.optim"

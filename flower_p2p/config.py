@@ -96,6 +96,7 @@ class ExperimentConfig:
     speed_spread: float = 0.0
     latency: float = 0.0
     latency_spread: float = 0.0
+    nodes_per_supernode: int = 1
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -264,6 +265,12 @@ class ExperimentConfig:
         from flower_p2p.clock import check_clock
 
         check_clock(self)
+        if not 1 <= self.nodes_per_supernode <= max(1, self.num_nodes):
+            raise ConfigError(
+                "nodes-per-supernode", self.nodes_per_supernode,
+                f"an integer in [1, num-nodes={self.num_nodes}]: the graph nodes each SuperNode "
+                "hosts (1: one SuperNode per graph node)",
+            )  # fmt: skip
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -80,11 +80,14 @@ def discover_nodes(grid: Grid, needed: list[int], wait_s: float = NODE_WAIT_S) -
         mapping[pid] = reply.metadata.src_node_id
     missing = [p for p in needed if p not in mapping]
     if missing:
+        per = getattr(grid, "per_supernode", 1)  # HostingGrid: several graph nodes per SuperNode
+        supernodes = -(-(max(needed) + 1) // per)
+        hosting = f" ({per} graph nodes per SuperNode)" if per > 1 else ""
         raise RuntimeError(
-            f"num-nodes={len(needed)} needs SuperNodes with partition-id "
-            f"{needed[0]}..{needed[-1]}, "
-            f"but {len(node_ids)} connected (missing partition-ids {missing}). In simulation, run "
-            f"`flwr run . --federation-config 'num-supernodes={max(needed) + 1}'`."
+            f"num-nodes={len(needed)}{hosting} needs SuperNodes with partition-id "
+            f"0..{supernodes - 1}, but {len(node_ids)} connected (missing graph nodes "
+            f"{missing}). In simulation, run "
+            f"`flwr run . --federation-config 'num-supernodes={supernodes}'`."
         )
     return {p: mapping[p] for p in needed}
 

@@ -187,10 +187,12 @@ def estimate(
     data = min(bytes_per_sample * sum(partition_sizes), RUNTIME_CACHE_BYTES + node_data)
     test_data = 4 * 3 * side * side * num_test
     nodes = len(partition_sizes)
-    in_flight = DRIVER_IN_FLIGHT_PER_ACTOR * actors * (node_state + message + inbox)
+    # nodes-per-supernode: one Flower message carries that many nodes' states and inboxes
+    hosted = 1 if cfg.strategy == "centralized" else cfg.nodes_per_supernode
+    in_flight = DRIVER_IN_FLIGHT_PER_ACTOR * actors * hosted * (node_state + message + inbox)
     driver = BASE_DRIVER + nodes * (node_state + message) + int(in_flight) + test_data
     actor = (BASE_ACTOR + model_bytes + acts + data + test_data
-             + int(ACTOR_COPIES * (node_state + inbox + message)))  # fmt: skip
+             + int(ACTOR_COPIES * hosted * (node_state + inbox + message)))  # fmt: skip
     return MemoryEstimate(nodes, actors, node_state, message, inbox, model_bytes, acts,
                           node_data, test_data, driver, actor)  # fmt: skip
 

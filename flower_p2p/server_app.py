@@ -30,6 +30,7 @@ from flower_p2p.checkpoint import (
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.data import data_summary, load_data
 from flower_p2p.gossip_strategy import GossipStrategy
+from flower_p2p.hosting import HostingGrid
 from flower_p2p.memory import MemoryEstimate, check_fits, estimate, max_in_degree
 from flower_p2p.models import apply_finetune, create_model, shared_names
 from flower_p2p.network import Traffic
@@ -105,6 +106,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
     log(INFO, "memory: %s", checked.memory.describe())
     kind = AsyncGossipStrategy if cfg.mode == "async" else GossipStrategy
     strategy = kind(cfg, out, configure_nodes=True)
+    if hosted(cfg) > 1:  # several graph nodes per SuperNode: one Flower message for them all
+        grid = HostingGrid(grid, cfg.num_nodes, hosted(cfg))
+        log(INFO, "%d graph nodes per SuperNode (nodes-per-supernode)", hosted(cfg))
     strategy.start(grid, ArrayRecord(), cfg.num_rounds, resume=resumed)
     summary = {**summarize(cfg, strategy.rec, strategy.traffic, strategy.elapsed()),
                "prefix_cache": checked.cache,
@@ -120,6 +124,11 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> Path:
 
     plot_run(out)
     return out
+
+
+def hosted(cfg: ExperimentConfig) -> int:
+    """Graph nodes per SuperNode: ``nodes-per-supernode``; the centralized reference has one."""
+    return 1 if cfg.strategy == "centralized" else cfg.nodes_per_supernode
 
 
 def summarize(cfg: ExperimentConfig, rec: Recorder, traffic: Traffic, wall_s: float) -> dict:

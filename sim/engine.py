@@ -24,6 +24,7 @@ import torch
 
 from flower_p2p.checkpoint import open_out_dir
 from flower_p2p.config import ExperimentConfig
+from flower_p2p.hosting import supernodes_needed
 from flower_p2p.node import CENTRALIZED_NODE
 from flower_p2p.results import resolve_out_dir
 from flower_p2p.server_app import preflight
@@ -79,8 +80,10 @@ def _unsupported(what: str) -> str:
 
 
 def num_supernodes(cfg: ExperimentConfig) -> int:
-    """SuperNodes needed: one per graph node; the centralized reference uses one."""
-    return CENTRALIZED_NODE + 1 if cfg.strategy == "centralized" else cfg.num_nodes
+    """SuperNodes needed: one per ``nodes-per-supernode`` graph nodes; the reference uses one."""
+    if cfg.strategy == "centralized":
+        return CENTRALIZED_NODE + 1
+    return supernodes_needed(cfg.num_nodes, cfg.nodes_per_supernode)
 
 
 # Opt in to Ray's coming behaviour (leave CUDA_VISIBLE_DEVICES alone for CPU-only actors);

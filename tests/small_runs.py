@@ -119,6 +119,12 @@ CASES = {
         0.3,
     ),  # 0.61 / 0.45 (0.76 / 0.67 without faults: about 3 in 10 exchanges fail here)  # fmt: skip
 }
+# nodes-per-supernode: the same runs with several graph nodes per SuperNode (one Flower message
+# for them all) must give the same numbers (test_end_to_end.py compares them byte for byte)
+HOSTED = {"relay-sum-unseen": 3, "dsgd-async-slow-nodes-faults": 2}
+for _name, _per in HOSTED.items():
+    _keys, _mean, _worst = CASES[_name]
+    CASES[f"{_name}-hosted"] = ({**_keys, "nodes_per_supernode": _per}, _mean, _worst)
 
 
 def case_config(name: str, out: str = "") -> ExperimentConfig:

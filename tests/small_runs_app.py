@@ -29,5 +29,5 @@ def main(grid: Grid, context: Context) -> None:
     for name in str(context.run_config["cases"]).split(","):
         watched = RecordingGrid(grid)
         out = run_experiment(watched, case_config(name, str(root / name)))  # type: ignore[arg-type]
-        log = {"sent": watched.sent, "replies": watched.replies}
+        log = {"sent": watched.sent, "replies": watched.replies, "hosted": watched.hosted}
         (out / "relay_log.json").write_text(json.dumps(log))

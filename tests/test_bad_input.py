@@ -70,6 +70,8 @@ CASES = [
      "0 with mode=async"),
     ("ad-psgd-sync", {"strategy": "ad-psgd", "mode": "sync"}, "mode", None,
      "async with strategy=ad-psgd"),
+    ("range-nodes-per-supernode", {"nodes-per-supernode": 9}, "nodes-per-supernode", None,
+     "an integer in [1, num-nodes=8]"),
     # unknown names
     ("unknown-key", {"number-of-nodes": 8}, "number-of-nodes", None, "a known key: num-nodes"),
     ("unknown-strategy", {"strategy": "gossip"}, "strategy", None, "one of dsgd, local, choco"),

@@ -384,6 +384,11 @@ def test_real_superlink_three_supernodes_tls_and_auth(federation, tmp_path, tiny
     assert all(
         m["activations"] == (m["round"] > 0) for m in read_jsonl(async_out / "metrics.jsonl")
     )
+    # Two graph nodes on SuperNode 0 (nodes-per-supernode=2: one message for both, each with its
+    # own Context in the SuperNode's state), node 2 on SuperNode 1: the same numbers again
+    hosted_out = tmp_path / "results-hosted"
+    fed.run_app({**run_config, "nodes-per-supernode": 2, "out-dir": str(hosted_out)})
+    assert (hosted_out / "metrics.jsonl").read_bytes() == (out / "metrics.jsonl").read_bytes()
     # Only the three registered SuperNodes ever were nodes of this SuperLink, and they were online.
     assert {n["node-id"] for n in online} == registered
     assert {n["node-id"] for n in fed.nodes()} == registered

@@ -25,9 +25,9 @@ from strategies import create_strategy
 
 # The small runs (small_runs.CASES) that cover each kind of graph: static, directed, per-round
 # with node dropout and lost links, CHOCO's union delivery on a per-round graph, and RelaySum's
-# different message to each neighbour of its spanning tree.
+# different message to each neighbour of its spanning tree, also with 3 graph nodes per SuperNode.
 WATCHED = ["dsgd", "push-sum-directed", "dsgd-random-matching-faults", "choco-one-peer",
-           "relay-sum-unseen"]  # fmt: skip
+           "relay-sum-unseen", "relay-sum-unseen-hosted"]  # fmt: skip
 
 
 @pytest.fixture(params=WATCHED)
