@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, nargs="+", help="node counts of measurement 4")
     parser.add_argument("--hosted", type=int, nargs="*", help="nodes-per-supernode values "
                         "measurement 4 also runs at its largest node count")  # fmt: skip
+    parser.add_argument("--no-modes", action="store_true", help="measurement 4 without its "
+                        "LoRA and last-k runs (about 33 minutes on 2 cores)")  # fmt: skip
     parser.add_argument("--out", default=None, help="Markdown file (default bench/results.md; "
                         "none with --quick)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["nodes"] = args.nodes
     if args.hosted is not None:
         settings["hosted"] = args.hosted
+    if args.no_modes:
+        settings["scaling-modes"] = []
     info = machine_info()
     start = time.perf_counter()
     rows, raw = run(settings, set(args.only))
