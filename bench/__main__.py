@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(Path(out), text)
         print(f"written to {out}")
         if len(raw.get(4, [])) > 1:  # a scaling curve needs two node counts
-            figure = plot_scaling(raw[4], Path(out).with_name(Path(out).stem + "-scaling.png"))
+            figure = plot_scaling(raw[4], Path(out).with_name(Path(out).stem + "-scaling.png"),
+                                  raw.get("4-hosted"))  # fmt: skip
             print(f"written to {figure}")
     return 0
 

@@ -9,3 +9,11 @@ def test_the_scaling_figure_is_a_png_written_where_asked(tmp_path):
     path = plot_scaling(rows, tmp_path / "results-scaling.png")
     assert path == tmp_path / "results-scaling.png"
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_hosted_rows_are_drawn_beside_them(tmp_path):
+    rows = [{"nodes": 1024, "round_s": 6.3, "peak_gib": 4.2},
+            {"nodes": 64, "round_s": 0.5, "peak_gib": 3.1}]  # fmt: skip
+    hosted = [{"nodes": 1024, "round_s": 2.2, "peak_gib": 4.2, "per_supernode": 16}]
+    path = plot_scaling(rows, tmp_path / "hosted.png", hosted)
+    assert path.read_bytes().startswith(b"\x89PNG")
