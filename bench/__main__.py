@@ -25,6 +25,7 @@ from pathlib import Path
 from bench import cases
 from bench.machine import machine_info
 from bench.scaling_plot import plot_scaling
+from flower_p2p.hosting import supernodes_needed
 from flower_p2p.results import atomic_write_text
 
 FULL = {
@@ -132,7 +133,8 @@ def run(settings: dict, only: set[int]) -> tuple[list[str], dict]:
             met = row["round_s"] <= 5 and row["peak_gib"] < 6
             rows.append(
                 f"| 4 | {largest} head-only nodes, {per} per SuperNode (`nodes-per-supernode="
-                f"{per}`: {-(-largest // per)} Flower messages a round instead of {largest}): "
+                f"{per}`: {supernodes_needed(largest, per)} Flower messages a round instead of "
+                f"{largest}): "
                 f"wall per round (median, rounds 2..R), peak memory (PSS; RSS sum "
                 f"{row['peak_rss_gib']:.2f} GiB); {1000 * row['round_s'] / largest:.1f} ms per "
                 f"node-round; round 1 ended {row['first_round_s']:.0f} s after the relay "

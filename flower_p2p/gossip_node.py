@@ -19,7 +19,8 @@ node's ``Context.state``; the app keeps its own model wherever it likes. The pro
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.network import Network
@@ -35,6 +36,14 @@ def identify(msg: Message, context: Context) -> Message:
     info = ConfigRecord({"partition-id": int(context.node_config["partition-id"]),
                          "num-partitions": int(context.node_config["num-partitions"])})  # fmt: skip
     return Message(RecordDict({"node": info}), reply_to=msg)
+
+
+def ask_partition_ids(grid: Grid) -> dict[int, int]:
+    """Partition-id -> Flower node id of every connected node that answers ``identify``."""
+    queries = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY)
+               for nid in grid.get_node_ids()]  # fmt: skip
+    return {int(r.content.config_records["node"]["partition-id"]): r.metadata.src_node_id
+            for r in grid.send_and_receive(queries) if not r.has_error()}  # fmt: skip
 
 
 class GossipNode:

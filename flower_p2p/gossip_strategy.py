@@ -42,6 +42,8 @@ from flower_p2p.clock import run_clock, sync_round_time
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.consensus import ConsensusMeter
 from flower_p2p.faults import FaultLog
+from flower_p2p.gossip_node import ask_partition_ids
+from flower_p2p.hosting import supernodes_needed
 from flower_p2p.network import Network, Traffic
 from flower_p2p.node import algorithm_for
 from flower_p2p.progress import Progress
@@ -69,19 +71,11 @@ def discover_nodes(grid: Grid, needed: list[int], wait_s: float = NODE_WAIT_S) -
         if len(node_ids) >= len(needed) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    queries = [
-        Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids
-    ]
-    mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(queries):
-        if reply.has_error():
-            continue
-        pid = int(reply.content.config_records["node"]["partition-id"])
-        mapping[pid] = reply.metadata.src_node_id
+    mapping = ask_partition_ids(grid)
     missing = [p for p in needed if p not in mapping]
     if missing:
         per = getattr(grid, "per_supernode", 1)  # HostingGrid: several graph nodes per SuperNode
-        supernodes = -(-(max(needed) + 1) // per)
+        supernodes = supernodes_needed(max(needed) + 1, per)
         hosting = f" ({per} graph nodes per SuperNode)" if per > 1 else ""
         raise RuntimeError(
             f"num-nodes={len(needed)}{hosting} needs SuperNodes with partition-id "

@@ -29,9 +29,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, Metadata, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
+
+from flower_p2p.gossip_node import ask_partition_ids
 
 HOSTED = "hosted"  # ConfigRecord of a packed message: the graph nodes it carries
 SEP = "|"  # section separator: "<node>|<key>"
@@ -195,15 +197,8 @@ class HostingGrid(Grid):
 
     def _discover(self) -> None:
         """Ask every connected SuperNode its partition-id; map graph nodes to their hosts."""
-        queries = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY)
-                   for nid in self.grid.get_node_ids()]  # fmt: skip
-        self._host = {}
-        for reply in self.grid.send_and_receive(queries):
-            if reply.has_error():
-                continue
-            pid = int(reply.content.config_records["node"]["partition-id"])
-            for node in hosted_by(pid, self.per_supernode, self.num_nodes):
-                self._host[node] = reply.metadata.src_node_id
+        self._host = {node: nid for pid, nid in ask_partition_ids(self.grid).items()
+                      for node in hosted_by(pid, self.per_supernode, self.num_nodes)}  # fmt: skip
 
 
 def _reply(request: Message, content: RecordDict | None = None, error: Error | None = None
