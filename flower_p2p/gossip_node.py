@@ -11,6 +11,10 @@ A ClientApp with its own model adopts gossip in three calls::
         trained = my_training(params, correction=node.correction(context))
         return node.reply(msg, context, trained, {"train_loss": loss})
 
+An algorithm that ``corrects_gradient`` (``k-gt-grad``) wants the correction added to every local
+gradient before the optimizer step instead, and the mean corrected gradient back:
+``node.reply(..., mean_gradient=...)``.
+
 ``cfg`` is the same ``ExperimentConfig`` the ServerApp gives its ``GossipStrategy`` (graph,
 algorithm, seed). The algorithm's state (push-sum weights, CHOCO copies, trackers) lives in the
 node's ``Context.state``; the app keeps its own model wherever it likes. The project's own
@@ -78,22 +82,40 @@ class GossipNode:
         return combined
 
     def correction(self, context: Context) -> Params | None:
-        """The per-step correction of the algorithm (p <- p - lr * u after each step), if any."""
+        """The per-step correction u of the algorithm, if any.
+
+        Applied as p <- p - lr * u after each optimizer step, or, where
+        ``self.algo.corrects_gradient``, added to each gradient before the step.
+        """
         if STATE_ALGO not in context.state:
             return None
         return self.algo.local_correction(from_record(context.state.array_records[STATE_ALGO]))
 
     def reply(
-        self, msg: Message, context: Context, trained: Params, metrics: dict[str, float]
+        self,
+        msg: Message,
+        context: Context,
+        trained: Params,
+        metrics: dict[str, float],
+        mean_gradient: Params | None = None,
     ) -> Message:
         """The reply to a ``train`` message: what this node sends to its neighbours, and metrics.
 
         ``metrics`` with ``accuracy`` and ``loss`` (when the node evaluated) are recorded by the
-        strategy; ``payload_bytes`` is added here.
+        strategy; ``payload_bytes`` is added here. ``mean_gradient``: the mean corrected gradient
+        of the local steps, required by an algorithm that ``corrects_gradient``.
         """
         node = int(context.node_config["partition-id"])
         rnd = int(msg.content.config_records["config"]["round"])
         algo_state = from_record(context.state.array_records[STATE_ALGO])
+        if self.algo.corrects_gradient:
+            if mean_gradient is None:
+                raise ValueError(
+                    f"strategy={self.algo.name} corrects gradients: add node.correction(context) "
+                    "to every local gradient before the optimizer step and pass the mean "
+                    "corrected gradient as reply(..., mean_gradient=...)"
+                )
+            self.algo.observe_gradient(algo_state, mean_gradient)
         content = RecordDict()
         if self.algo.per_receiver_messages:
             receivers = Network(self.cfg, self.algo).receivers(node, rnd)

@@ -355,10 +355,16 @@ def run_round(
     opt = rt.optimizer(optimizer, rnd)
     gen = round_generator(cfg.seed, rt.node, rnd if activation is None else activation)
     steps = local_steps(cfg, len(rt.train_y), steps_fraction)
+    names, correction = _correction(rt, algo, state)
+    mean_gradient: list[torch.Tensor] | None = [] if algo.corrects_gradient else None
     result.train_loss = train_epochs(
         rt.net, rt.train_x, rt.train_y, opt, cfg.local_epochs, cfg.batch_size, gen, rt.device,
-        steps=steps, logit_scale=rt.logit_scale, correction=_correction(rt, algo, state),
+        steps=steps, logit_scale=rt.logit_scale, correction=correction,
+        mean_gradient=mean_gradient,
     )  # fmt: skip
+    if mean_gradient is not None:
+        algo.observe_gradient(state, {k: g.cpu().numpy() for k, g in
+                                      zip(names, mean_gradient, strict=True)})  # fmt: skip
     result.train_s = time.perf_counter() - t0
     result.params = get_params(rt.param_table, rt.trainable)
     result.optimizer = optimizer_state(opt)
@@ -373,14 +379,14 @@ def run_round(
 
 def _correction(
     rt: NodeRuntime, algo: GossipAlgorithm, state: State
-) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """The algorithm's per-step correction, as (model parameter, tensor) pairs on the device."""
+) -> tuple[list[str], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """The algorithm's per-step correction: parameter names, (model parameter, tensor) pairs."""
     corr = algo.local_correction(state)
     if not corr:
-        return None
+        return [], None
     params = rt.param_table
-    return [(params[k], torch.from_numpy(np.ascontiguousarray(v)).to(rt.device))
-            for k, v in corr.items()]  # fmt: skip
+    return list(corr), [(params[k], torch.from_numpy(np.ascontiguousarray(v)).to(rt.device))
+                        for k, v in corr.items()]  # fmt: skip
 
 
 def algorithm_for(cfg: ExperimentConfig) -> GossipAlgorithm:

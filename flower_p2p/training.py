@@ -99,32 +99,49 @@ def train_epochs(
     steps: int = 0,
     logit_scale: torch.Tensor | None = None,
     correction: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    mean_gradient: list[torch.Tensor] | None = None,
 ) -> float:
     """Minibatch training for ``epochs`` passes (or ``steps`` batches); returns the mean loss.
 
     ``logit_scale`` (one factor per class) multiplies the logits before the cross-entropy:
     ``restricted_softmax_scale`` builds it for a node that lacks some classes. ``correction``
     pairs (parameter, u): after every optimizer step, parameter <- parameter - lr * u (a gossip
-    algorithm's ``local_correction``: K-GT's tracker, QG-DSGDm's momentum).
+    algorithm's ``local_correction``: K-GT's tracker, QG-DSGDm's momentum). Given
+    ``mean_gradient`` (an empty list), u is instead added to the parameter's gradient before
+    every step, and the list receives, per pair, the mean corrected gradient over the steps
+    (K-GT-grad's D_i).
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     scale = None if logit_scale is None else logit_scale.to(device)
-    total, seen = 0.0, 0
+    total, seen, taken = 0.0, 0, 0
+    in_gradient = mean_gradient is not None
+    sums = [torch.zeros_like(param) for param, _ in correction or []] if in_gradient else []
     for idx in minibatches(len(labels), batch_size, generator, epochs, steps):
         x, y = images[idx].to(device), labels[idx].to(device)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = loss_fn(logits if scale is None else logits * scale, y)
         loss.backward()
+        if in_gradient:
+            with torch.no_grad():
+                for (param, u), acc in zip(correction or [], sums, strict=True):
+                    if param.grad is None:  # no gradient this step (unused): the correction alone
+                        param.grad = u.clone()
+                    else:
+                        param.grad.add_(u)
+                    acc.add_(param.grad)
         optimizer.step()
-        if correction:
+        taken += 1
+        if correction and not in_gradient:
             with torch.no_grad():
                 lr = optimizer.param_groups[0]["lr"]
                 for param, u in correction:
                     param.sub_(u, alpha=lr)
         total += loss.item() * len(idx)
         seen += len(idx)
+    if in_gradient:
+        mean_gradient[:] = [acc / max(taken, 1) for acc in sums]
     return total / max(seen, 1)
 
 

@@ -9,7 +9,7 @@ from strategies.compression import COMPRESSORS, Compressor, create_compressor
 from strategies.dsgd import DSGD
 from strategies.fedavg import FedAvg
 from strategies.gradient_tracking import GradientTracking
-from strategies.k_gt import KGT
+from strategies.k_gt import KGT, KGTGradient
 from strategies.local import LocalOnly
 from strategies.push_sum import PushSum
 from strategies.qg_dsgdm import QGDSGDm
@@ -24,6 +24,7 @@ STRATEGIES.register("gradient-tracking")(GradientTracking)
 STRATEGIES.register("push-sum")(PushSum)
 STRATEGIES.register("relay-sum")(RelaySum)
 STRATEGIES.register("k-gt")(KGT)
+STRATEGIES.register("k-gt-grad")(KGTGradient)
 STRATEGIES.register("qg-dsgdm")(QGDSGDm)
 # Asynchronous only (mode=async): pairwise averaging at the end of every activation.
 STRATEGIES.register("ad-psgd")(ADPSGD)
@@ -54,6 +55,7 @@ __all__ = [
     "GossipAlgorithm",
     "GradientTracking",
     "KGT",
+    "KGTGradient",
     "LocalOnly",
     "PushSum",
     "QGDSGDm",

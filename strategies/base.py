@@ -47,6 +47,10 @@ class GossipAlgorithm(ABC):
     # True when combine() takes ``event``: what the relay's call is (AD-PSGD's start, finish,
     # pair, final), for algorithms that only run asynchronously.
     needs_event: bool = False
+    # True when ``local_correction`` is added to every local gradient *before* the optimizer step
+    # (K-GT-grad), instead of to the parameters after it; the training loop then reports the
+    # mean corrected gradient of the node's local steps through ``observe_gradient``.
+    corrects_gradient: bool = False
 
     def init_state(self, params: Params) -> State:
         """Extra per-node state the algorithm keeps between rounds (none by default)."""
@@ -78,6 +82,14 @@ class GossipAlgorithm(ABC):
         the same as adding u to every gradient.
         """
         return None
+
+    def observe_gradient(self, state: State, mean_gradient: Params) -> None:
+        """The mean corrected gradient of the local steps just taken (``corrects_gradient`` only).
+
+        Called after training, before ``message``: with an adaptive optimizer the model's
+        displacement does not reveal the gradient, so the training loop hands it over.
+        """
+        raise NotImplementedError(f"{self.name} does not correct gradients")
 
     def resting_message(self, state: State) -> Params:
         """What the node sends after a call in which it trained nothing (default: nothing)."""

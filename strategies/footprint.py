@@ -20,7 +20,7 @@ from strategies.harness import run_gossip
 
 FLAGS = ("name", "communicates", "needs_out_degree", "needs_num_examples",
          "keeps_neighbour_copies", "needs_step_size", "per_receiver_messages",
-         "needs_event")  # fmt: skip
+         "needs_event", "corrects_gradient")  # fmt: skip
 ROUNDS = 3  # enough for every state an algorithm grows on receipt (copies, relayed sums)
 
 
@@ -63,6 +63,9 @@ class _Recorder(GossipAlgorithm):
     def resting_message(self, state: State) -> Params:  # noqa: D102
         return self.algo.resting_message(state)
 
+    def observe_gradient(self, state: State, mean_gradient: Params) -> None:  # noqa: D102
+        self.algo.observe_gradient(state, mean_gradient)
+
     def message(self, params, state, *receivers):  # noqa: D102
         msg = self.algo.message(params, state, *receivers)
         size = sum(_size(m) for m in msg.values()) if receivers else _size(msg)
@@ -95,8 +98,12 @@ def footprint(
     algo = make_algo(n)
     rec = _Recorder(algo)
 
-    def local_step(i: int, params: Params, t: int, correction: Params | None = None) -> Params:
-        return {k: 0.9 * v + 0.01 * (i + 1) for k, v in params.items()}
+    def local_step(i: int, params: Params, t: int, correction: Params | None = None,
+                   gradient_correction: Params | None = None):  # fmt: skip
+        trained = {k: 0.9 * v + 0.01 * (i + 1) for k, v in params.items()}
+        if gradient_correction is not None:  # and the mean gradient it reports
+            return trained, {k: 0.1 * v for k, v in params.items()}
+        return trained
 
     x0 = [{"w": np.full(size, float(i), dtype=np.float32)} for i in range(n)]
     if algo.needs_event:  # asynchronous pairwise (AD-PSGD): one partner's model per call

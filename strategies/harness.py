@@ -32,7 +32,9 @@ LocalStep = Callable[..., Params]
 """(node, params, round[, correction]) -> trained params; new arrays, not updated in place.
 
 ``correction`` (only passed when the algorithm has one) is the algorithm's ``local_correction``:
-after every local step, params <- params - lr * correction.
+after every local step, params <- params - lr * correction. An algorithm that
+``corrects_gradient`` passes ``gradient_correction`` instead (added to every gradient before the
+step) and expects ``(trained params, mean corrected gradient)`` back.
 """
 
 Schedule = Callable[[int], np.ndarray]
@@ -115,7 +117,11 @@ def run_gossip(
         sent = []
         for i in range(n):
             correction = algo.local_correction(states[i])
-            if correction is None:
+            if algo.corrects_gradient:
+                params[i], mean_gradient = local_step(i, params[i], t,
+                                                      gradient_correction=correction)  # fmt: skip
+                algo.observe_gradient(states[i], mean_gradient)
+            elif correction is None:
                 params[i] = local_step(i, params[i], t)
             else:
                 params[i] = local_step(i, params[i], t, correction=correction)

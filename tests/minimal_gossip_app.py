@@ -35,10 +35,15 @@ def problem(num_nodes: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.nd
     return a, b
 
 
+def gradient(node: int, x: np.ndarray, num_nodes: int) -> np.ndarray:
+    """The full gradient of node ``node``'s least-squares loss."""
+    a, b = problem(num_nodes)
+    return a[node].T @ (a[node] @ x - b[node]) / ROWS
+
+
 def local_step(node: int, x: np.ndarray, num_nodes: int) -> np.ndarray:
     """One full-gradient step on node ``node``'s least-squares loss."""
-    a, b = problem(num_nodes)
-    return x - LR * a[node].T @ (a[node] @ x - b[node]) / ROWS
+    return x - LR * gradient(node, x, num_nodes)
 
 
 def _config(context: Context) -> ExperimentConfig:
@@ -65,6 +70,11 @@ def train(msg: Message, context: Context) -> Message:
     node = GossipNode(cfg)
     combined = node.combine(msg, context, _model(context))
     pid = int(context.node_config["partition-id"])
+    if node.algo.corrects_gradient:  # K-GT-grad: its correction goes into the gradient
+        g = gradient(pid, combined["x"], cfg.num_nodes) + node.correction(context)["x"]
+        trained = {"x": combined["x"] - LR * g}
+        context.state["model"] = to_record(trained)
+        return node.reply(msg, context, trained, {"train_loss": 0.0}, mean_gradient={"x": g})
     trained = {"x": local_step(pid, combined["x"], cfg.num_nodes)}
     context.state["model"] = to_record(trained)
     return node.reply(msg, context, trained, {"train_loss": 0.0})

@@ -74,6 +74,9 @@ CASES = {
     ),  # 0.59 / 0.47; unseen classes 0.53 / 0.38  # fmt: skip
     "k-gt-lora": ({"strategy": "k-gt", "finetune": "lora", "lr": 1e-2}, 0.7, 0.7),  # .89/.88
     "qg-dsgdm": ({"strategy": "qg-dsgdm", "optimizer": "sgd", "lr": 0.05}, 0.4, 0.4),  # .57/.54
+    # the tracker's correction inside AdamW's gradient; stragglers report the mean gradient of
+    # fewer steps
+    "k-gt-grad-stragglers": ({"strategy": "k-gt-grad", "straggler": 0.3}, 0.63, 0.6),  # .78/.76
     # the user's own partitioner class (loaded in the simulation's workers too), placed on the
     # ring to keep neighbours' label distributions apart, and a noise shift per node
     "dsgd-own-partition-skew": (

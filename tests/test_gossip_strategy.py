@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.serverapp.strategy import Strategy
-from minimal_gossip_app import DIM, local_step
+from minimal_gossip_app import DIM, LR, gradient, local_step
 
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.gossip_strategy import GossipStrategy
@@ -31,7 +31,9 @@ def test_it_is_a_flower_strategy():
     assert arrays is None  # it aggregates no arrays: there is no global model
 
 
-@pytest.mark.parametrize("strategy", ["relay-sum"])
+# RelaySum: a different message to each tree neighbour; K-GT-grad: the app hands its corrected
+# gradient back through the node-side API
+@pytest.mark.parametrize("strategy", ["relay-sum", "k-gt-grad"])
 def test_another_app_adopts_gossip_and_computes_the_reference(tmp_path, strategy):
     run_config = {"num-nodes": N, "num-rounds": ROUNDS, "strategy": strategy,
                   "topology": "ring", "eval-every": 1000, "out-dir": str(tmp_path)}  # fmt: skip
@@ -39,10 +41,14 @@ def test_another_app_adopts_gossip_and_computes_the_reference(tmp_path, strategy
     run_app(run_config, N, "minimal_gossip_app:server", "minimal_gossip_app:client")
     flower = [np.load(tmp_path / f"node-{i}.npy") for i in range(N)]
 
-    def step(node: int, params: dict, rnd: int) -> dict:
-        return {"x": local_step(node, params["x"], N)}
+    def step(node: int, params: dict, rnd: int, gradient_correction: dict | None = None):
+        if gradient_correction is None:
+            return {"x": local_step(node, params["x"], N)}
+        g = gradient(node, params["x"], N) + gradient_correction["x"]
+        return {"x": params["x"] - LR * g}, {"x": g}
 
-    reference = run_gossip(create_strategy(strategy, num_nodes=N),
+    kwargs = {"num_nodes": N} if strategy == "relay-sum" else {}
+    reference = run_gossip(create_strategy(strategy, **kwargs),
                            lambda t: topology_at(cfg, t + 1).dense(), step,
                            {"x": np.zeros(DIM)}, ROUNDS)  # fmt: skip
     for got, want in zip(flower, reference, strict=True):
@@ -111,3 +117,24 @@ def test_a_failing_node_counts_as_dropped_but_every_node_failing_stops_the_run(t
     assert one_fails.faults.failed_nodes == {1: 3}  # both rounds and the final evaluation
     with pytest.raises(RuntimeError, match="every node's ClientApp raised in round 1.*boom 0"):
         GossipStrategy(cfg).start(FakeGrid(3, _raises))
+
+
+def test_a_gradient_correcting_algorithm_needs_the_apps_mean_gradient():
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from flower_p2p.gossip_node import GossipNode
+
+    node = GossipNode(ExperimentConfig(num_nodes=4, strategy="k-gt-grad"))
+    context = Context(run_id=1, node_id=101, node_config={"partition-id": 1, "num-partitions": 4},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    msg = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=101,
+                  message_type=MessageType.TRAIN)  # fmt: skip
+    params = {"x": np.ones(DIM)}
+    node.combine(msg, context, params)
+    assert np.all(node.correction(context)["x"] == 0)  # the tracker starts at 0
+    with pytest.raises(ValueError, match="mean_gradient"):
+        node.reply(msg, context, params, {"train_loss": 0.0})
+    reply = node.reply(msg, context, params, {"train_loss": 0.0},
+                       mean_gradient={"x": np.full(DIM, 2.0)})  # fmt: skip
+    sent = reply.content.array_records["out"]
+    assert np.all(sent["d/x"].numpy() == 2.0) and np.all(sent["x/x"].numpy() == 1.0)

@@ -16,7 +16,17 @@ import pytest
 from flower_p2p.config import ExperimentConfig
 from flower_p2p.registry import ConfigError
 from flower_p2p.schedules import reach_topology, topology_at
-from strategies import DSGD, KGT, Choco, FedAvg, GradientTracking, PushSum, QGDSGDm, RelaySum
+from strategies import (
+    DSGD,
+    KGT,
+    Choco,
+    FedAvg,
+    GradientTracking,
+    KGTGradient,
+    PushSum,
+    QGDSGDm,
+    RelaySum,
+)
 from strategies.base import GossipAlgorithm, Params
 from strategies.harness import run_gossip, union_support
 
@@ -64,6 +74,7 @@ STRATEGIES = [
     ),  # fmt: skip
     ("fedavg", {}, FedAvg()),
     ("k-gt", {}, KGT()),
+    ("k-gt-grad", {}, KGTGradient()),
     ("qg-dsgdm", {"optimizer": "sgd"}, QGDSGDm()),
 ]
 
@@ -89,7 +100,10 @@ def _schedule(cfg: ExperimentConfig):
     return lambda t: topology_at(cfg, t + 1).dense()
 
 
-def _no_training(node: int, params: Params, rnd: int, correction: Params | None = None) -> Params:
+def _no_training(node: int, params: Params, rnd: int, correction: Params | None = None,
+                 gradient_correction: Params | None = None):  # fmt: skip
+    if gradient_correction is not None:  # a gradient-correcting algorithm: no gradient either
+        return params, {k: np.zeros_like(v) for k, v in params.items()}
     return params
 
 
@@ -165,7 +179,11 @@ SCHEDULES_TO_TRACK = ["ring", "star", "directed-exponential", "one-peer-exponent
 @pytest.mark.parametrize("topology", SCHEDULES_TO_TRACK)
 @pytest.mark.parametrize(
     ("name", "algo", "local_steps"),
-    [("gradient-tracking", GradientTracking(), 1), ("k-gt", KGT(), 3)],
+    [
+        ("gradient-tracking", GradientTracking(), 1),
+        ("k-gt", KGT(), 3),
+        ("k-gt-grad", KGTGradient(), 3),
+    ],
 )
 def test_tracking_reaches_the_exact_optimum_on_every_schedule(
     topology, name, algo, local_steps, edge_file
@@ -174,12 +192,19 @@ def test_tracking_reaches_the_exact_optimum_on_every_schedule(
     cfg = _config(topology, "metropolis-hastings", name, {}, edge_file)
     lr = 0.02
 
-    def step(node: int, params: Params, rnd: int, correction: Params | None = None) -> Params:
-        x = params["x"]
+    def step(node: int, params: Params, rnd: int, correction: Params | None = None,
+             gradient_correction: Params | None = None):  # fmt: skip
+        x, total = params["x"], np.zeros(DIM)
         for _ in range(local_steps):
-            x = x - lr * a[node].T @ (a[node] @ x - b[node]) / ROWS
+            g = a[node].T @ (a[node] @ x - b[node]) / ROWS
+            if gradient_correction is not None:  # K-GT-grad: corrected before the step
+                g = g + gradient_correction["x"]
+                total += g
+            x = x - lr * g
             if correction is not None:
                 x = x - lr * correction["x"]
+        if gradient_correction is not None:
+            return {"x": x}, {"x": total / local_steps}
         return {"x": x}
 
     def error(alg) -> float:
