@@ -84,8 +84,9 @@ def check_clock(cfg) -> None:  # cfg: ExperimentConfig
             f"one of {', '.join(ASYNC_STRATEGIES)} with mode=async: an async node combines the "
             "latest message each neighbour delivered, at its own pace. Algorithms whose nodes "
             "must hear every message in order (CHOCO's copies, push-sum's mass, RelaySum's "
-            "relays, the trackers of gradient-tracking and K-GT) or a server (fedavg) need the "
-            "rounds of mode=sync; centralized and local have no network to be async on",
+            "relays, the trackers of gradient-tracking, K-GT and K-GT-grad) or a server "
+            "(fedavg) need the rounds of mode=sync; centralized and local have no network to be "
+            "async on",
         )  # fmt: skip
     if is_schedule(cfg.topology):
         raise ConfigError(
