@@ -536,6 +536,16 @@ def test_qg_dsgdm_without_momentum_is_dsgd_and_with_it_reaches_the_optimum():
 # ---- K-GT-grad: the correction in the gradient, so that an adaptive optimizer tracks too -----
 
 
+def _adam_step(z: np.ndarray, g: np.ndarray, moments: list[np.ndarray], lr: float) -> np.ndarray:
+    """One Adam step with bias correction, as torch's (no weight decay); updates ``moments``."""
+    m, v, count = moments
+    count += 1
+    m[:] = 0.9 * m + 0.1 * g
+    v[:] = 0.999 * v + 0.001 * g * g
+    mhat, vhat = m / (1 - 0.9 ** count[0]), v / (1 - 0.999 ** count[0])
+    return z - lr * mhat / (np.sqrt(vhat) + 1e-8)
+
+
 def corrected_gradient_steps(lr, local_steps: int, adam: bool = False) -> LocalStep:
     """Local steps on g + u (u: the algorithm's gradient correction), SGD or Adam.
 
@@ -546,16 +556,12 @@ def corrected_gradient_steps(lr, local_steps: int, adam: bool = False) -> LocalS
 
     def step(node: int, params: Params, rnd: int, gradient_correction: Params):
         z, u, total = _flat(params), _flat(gradient_correction), np.zeros(DIM)
-        m, v, count = moments.setdefault(node, [np.zeros(DIM), np.zeros(DIM), np.zeros(1)])
+        state = moments.setdefault(node, [np.zeros(DIM), np.zeros(DIM), np.zeros(1)])
         for _ in range(local_steps):
             g = A[node].T @ (A[node] @ z - B[node]) / ROWS + u
             total += g
-            if adam:  # Adam with bias correction, as torch's (no weight decay)
-                count += 1
-                m[:] = 0.9 * m + 0.1 * g
-                v[:] = 0.999 * v + 0.001 * g * g
-                mhat, vhat = m / (1 - 0.9 ** count[0]), v / (1 - 0.999 ** count[0])
-                z = z - lr(rnd) * mhat / (np.sqrt(vhat) + 1e-8)
+            if adam:
+                z = _adam_step(z, g, state, lr(rnd))
             else:
                 z = z - lr(rnd) * g
         return _unflat(z), _unflat(total / local_steps)
@@ -569,14 +575,10 @@ def adam_displacement_steps(lr, local_steps: int) -> LocalStep:
 
     def step(node: int, params: Params, rnd: int, correction: Params) -> Params:
         z, u = _flat(params), _flat(correction)
-        m, v, count = moments.setdefault(node, [np.zeros(DIM), np.zeros(DIM), np.zeros(1)])
+        state = moments.setdefault(node, [np.zeros(DIM), np.zeros(DIM), np.zeros(1)])
         for _ in range(local_steps):
             g = A[node].T @ (A[node] @ z - B[node]) / ROWS
-            count += 1
-            m[:] = 0.9 * m + 0.1 * g
-            v[:] = 0.999 * v + 0.001 * g * g
-            mhat, vhat = m / (1 - 0.9 ** count[0]), v / (1 - 0.999 ** count[0])
-            z = z - lr(rnd) * mhat / (np.sqrt(vhat) + 1e-8) - lr(rnd) * u
+            z = _adam_step(z, g, state, lr(rnd)) - lr(rnd) * u
         return _unflat(z)
 
     return step
